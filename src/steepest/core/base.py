@@ -1,0 +1,400 @@
+"""The optimizer engine every steepest optimizer stands on.
+
+A method subclasses :class:`Optimizer` and supplies
+
+* ``hyperparams``: a check per hyperparameter (validated for every param group before it is added);
+* ``init_state(p, group)``: the per-parameter state buffers;
+* ``scalars(group, step)``: the per-step numbers the update needs (learning rate, bias corrections),
+  computed once per step in double precision on the host;
+* ``static_options(group)``: flags that change the code path (nesterov, amsgrad);
+* ``update``: a pure function over lists of tensors ``update(params, grads, **states, **scalars,
+  **static)`` written with :mod:`steepest.core.multitensor` helpers.
+
+The base runs that one function in two modes: eager (``torch._foreach_*`` over all tensors of a
+bucket) and fused (the same function under ``torch.compile``, one kernel per tensor, cached per
+signature, hyperparameters passed as tensors so that changing them never recompiles). Around the
+update it applies ``maximize``, weight decay (decoupled or L2, as the method states), float32
+working copies for 16-bit params or states, and stochastic rounding on write-back.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from . import checks
+from . import multitensor as mt
+from .precision import is_low_precision, working_dtype, write_back_
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+# Group keys torch.optim and its schedulers add beside the hyperparameters.
+_STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
+_COMPILE_MIN_NUMEL = 1 << 20
+_compile_counter = 0
+
+
+def _apply_update(update, params, grads, states, scalars, wd, *, static, maximize, wd_mode, stochastic):
+    """maximize, weight decay, float32 working copies, the update itself, and the write-back.
+
+    This is the function ``torch.compile`` traces for the fused path; eager runs call it directly.
+    """
+    if maximize:
+        grads = mt.neg(grads)
+    work_p = [p.float() if is_low_precision(p.dtype) else p for p in params]
+    work_g = [g.float() if is_low_precision(g.dtype) else g for g in grads]
+    work_s = {k: [s.float() if is_low_precision(s.dtype) else s for s in v] for k, v in states.items()}
+    if wd_mode == "decoupled":
+        mt.mul_(work_p, wd)
+    elif wd_mode == "l2":
+        work_g = mt.add(work_g, work_p, alpha=wd)
+    update(work_p, work_g, **work_s, **scalars, **static)
+    for p, w in zip(params, work_p):
+        write_back_(p, w, stochastic)
+    for k, v in states.items():
+        for s, w in zip(v, work_s[k]):
+            write_back_(s, w, stochastic)
+
+
+def _fresh_code_copy(fn: Callable, tag: str) -> Callable:
+    """A copy of fn with its own code object, so that torch.compile keeps a separate cache for it.
+
+    Dynamo keys its cache (and its recompile limit) on the code object; one copy per kernel signature
+    keeps optimizers and dtypes from evicting each other's compiled kernels.
+    """
+    global _compile_counter
+    _compile_counter += 1
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}_{_compile_counter}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of steepest's optimizers: a drop-in :class:`torch.optim.Optimizer`.
+
+    Args (shared by every subclass, keyword-only):
+        compile: ``"auto"`` (default) fuses a bucket with ``torch.compile`` when it holds at least
+            2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
+            ``False`` never does. A compiler failure falls back to eager with a warning.
+        skip_nonfinite: if True, a step whose gradients contain NaN or Inf changes nothing (no
+            parameter, no state, no step count) and is counted in ``skipped_steps``. Off by
+            default: it costs one device-to-host synchronisation per step.
+        state_dtype: dtype of floating-point state buffers. ``None`` (default) keeps float32 states
+            for 16-bit params and the param's dtype otherwise; ``torch.bfloat16`` halves state memory.
+        stochastic_rounding: round writes of float32 working values into bfloat16 storage (states
+            and params) stochastically. Defaults to True when ``state_dtype`` is bfloat16.
+    """
+
+    hyperparams: ClassVar[Mapping[str, checks.Check]] = {}
+    # How the base applies group["weight_decay"]: "decoupled" (p *= 1 - lr*wd before the update, as
+    # AdamW), "l2" (g += wd*p, as Adam), or "custom" (the update function handles it).
+    weight_decay_mode: ClassVar[str] = "decoupled"
+    # The update reads and writes each element independently, so tensors may be flattened.
+    elementwise: ClassVar[bool] = True
+    # The update couples no two tensors, so the fused path may compile one tensor at a time.
+    per_tensor: ClassVar[bool] = True
+    needs_closure: ClassVar[bool] = False
+    update: ClassVar[Callable[..., None]]
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, compile: bool | str = "auto",
+                 skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool | None = None) -> None:
+        name = type(self).__name__
+        if compile not in ("auto", True, False):
+            raise ValueError(f"{name}: compile must be 'auto', True or False, got {compile!r}")
+        checks.boolean("skip_nonfinite", skip_nonfinite)
+        if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                          torch.float16):
+            raise ValueError(f"{name}: state_dtype must be None, torch.float32, torch.float64, "
+                             f"torch.bfloat16 or torch.float16, got {state_dtype!r}")
+        if stochastic_rounding is None:
+            stochastic_rounding = state_dtype == torch.bfloat16
+        checks.boolean("stochastic_rounding", stochastic_rounding)
+        defaults = dict(defaults)
+        defaults.setdefault("maximize", False)
+        self._check_hyperparams(defaults, where="")
+        self.compile = compile
+        self.skip_nonfinite = skip_nonfinite
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self.skipped_steps = 0
+        self._kernels: dict[tuple, Callable | None] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------- validation
+    def _check_hyperparams(self, group: Mapping[str, Any], where: str) -> None:
+        name = type(self).__name__
+        for key, check in self.hyperparams.items():
+            if key not in group:
+                raise ValueError(f"{name}: hyperparameter {key!r} is missing{where}")
+            try:
+                check(key, group[key])
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}{where}: {err}") from None
+        checks.boolean("maximize", group.get("maximize", False))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after checking its options; nothing is added if one is invalid."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        unknown = set(param_group) - set(self.defaults) - _STANDARD_GROUP_KEYS
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in a param group; "
+                             f"accepted: {sorted(self.defaults)}")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_hyperparams(merged, where=f" (param group {len(self.param_groups)})")
+        params = param_group["params"]
+        plist = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(plist):
+            if isinstance(p, Tensor) and p.is_sparse:
+                raise ValueError(f"{type(self).__name__}: parameter {i} is a sparse tensor; dense parameters only")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------------ what subclasses give
+    def init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Fresh per-parameter state buffers (no 'step': the base keeps it)."""
+        return {}
+
+    def scalars(self, group: dict[str, Any], step: int) -> dict[str, float]:
+        """Per-step numbers for the update, in double precision."""
+        return {"lr": self.lr(group)}
+
+    def static_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Options that select a code path; part of the compiled kernel's signature."""
+        return {}
+
+    # ------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def lr(group: Mapping[str, Any]) -> float:
+        """The group's learning rate as a Python float (a tensor lr is read once per step)."""
+        lr = group["lr"]
+        return float(lr) if isinstance(lr, Tensor) else lr
+
+    def zeros_state(self, p: Tensor) -> Tensor:
+        """A zero buffer shaped like p in the state dtype."""
+        return torch.zeros_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format)
+
+    def state_dtype_for(self, p: Tensor) -> torch.dtype:
+        """The dtype state buffers of parameter p are stored in."""
+        if p.is_complex() or not p.is_floating_point():
+            return p.dtype
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return working_dtype(p.dtype)
+
+    # ----------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if closure is None and self.needs_closure:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that re-evaluates the loss "
+                             f"(step(closure)); see its docstring")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        if not work:
+            return loss
+        if self.skip_nonfinite and not self._grads_finite(work):
+            self.skipped_steps += 1
+            return loss
+        for group, params in work:
+            self._step_group(group, params)
+        return loss
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Params with gradients, per group; every check that can fail runs here, before any change."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {pi} "
+                                       f"of group {gi}); use torch.optim.SparseAdam or densify the gradient")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"param {pi} of group {gi} has shape {tuple(p.shape)} but its grad has "
+                                       f"shape {tuple(p.grad.shape)}")
+                params.append(p)
+            if params:
+                work.append((group, params))
+        return work
+
+    @staticmethod
+    def _grads_finite(work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for _, params in work:
+            for p in params:
+                g = p.grad
+                by_device[g.device].append(torch.view_as_real(g) if g.is_complex() else g)
+        for grads in by_device.values():
+            grads = [g for g in grads if g.numel() > 0]
+            if grads:
+                peaks = torch._foreach_norm(grads, ord=math.inf)
+                if not bool(torch.stack([x.float() for x in peaks]).isfinite().all()):
+                    return False
+        return True
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(self.init_state(p, group))
+                state["step"] = 0
+            state["step"] += 1
+            buckets[(p.device, p.dtype, p.grad.dtype, state["step"])].append(p)
+        for (device, _, _, step), bucket in buckets.items():
+            self._run_bucket(group, bucket, step, device)
+
+    def _run_bucket(self, group: dict[str, Any], params: list[Tensor], step: int, device: torch.device) -> None:
+        names = [k for k in self.state[params[0]] if k != "step"]
+        grads = [p.grad for p in params]
+        states = {k: [self.state[p][k] for p in params] for k in names}
+        if params[0].is_complex():
+            params = [torch.view_as_real(p) for p in params]
+            grads = [torch.view_as_real(g) for g in grads]
+            states = {k: [torch.view_as_real(s) if s.is_complex() else s for s in v] for k, v in states.items()}
+        scalars = self.scalars(group, step)
+        wd_mode, wd = None, 0.0
+        weight_decay = group.get("weight_decay", 0.0)
+        if self.weight_decay_mode != "custom" and weight_decay != 0:
+            wd_mode = self.weight_decay_mode
+            wd = 1.0 - self.lr(group) * weight_decay if wd_mode == "decoupled" else float(weight_decay)
+        options = dict(static=self.static_options(group), maximize=bool(group["maximize"]), wd_mode=wd_mode,
+                       stochastic=self.stochastic_rounding)
+
+        todo = list(range(len(params)))
+        if self._wants_compile(params):
+            fused = [i for i in todo if self._fusable(params[i], grads[i], states, i)]
+            if fused:
+                kernel = self._kernel(params[fused[0]], grads[fused[0]], states, options)
+                done = set(self._run_fused(kernel, params, grads, states, scalars, wd, fused, device))
+                todo = [i for i in todo if i not in done]
+        if todo:
+            _apply_update(type(self).update, [params[i] for i in todo], [grads[i] for i in todo],
+                          {k: [v[i] for i in todo] for k, v in states.items()}, scalars, wd, **options)
+
+    # --------------------------------------------------------------------------------- fused path
+    def _wants_compile(self, params: list[Tensor]) -> bool:
+        if self.compile is False:
+            return False
+        if self.compile is True:
+            return True
+        return sum(p.numel() for p in params) >= _COMPILE_MIN_NUMEL
+
+    def _fusable(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], i: int) -> bool:
+        # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
+        if p.numel() < 2 or not p.is_contiguous() or not g.is_contiguous():
+            return False
+        return all(v[i].is_contiguous() for v in states.values())
+
+    def _kernel(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], options: dict[str, Any]):
+        static = options["static"]
+        key = (p.device.type, p.dtype, g.dtype, tuple((k, v[0].dtype) for k, v in states.items()),
+               tuple(sorted(static.items())), options["maximize"], options["wd_mode"], options["stochastic"])
+        if key not in self._kernels:
+            fn = _fresh_code_copy(_apply_update, type(self).__name__)
+            self._kernels[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+        kernel = self._kernels[key]
+        if kernel is None:
+            return None
+        return lambda *args: self._call_kernel(key, kernel, options, *args)
+
+    def _call_kernel(self, key, kernel, options, params, grads, states, scalars, wd):
+        try:
+            kernel(type(self).update, params, grads, states, scalars, wd, **options)
+            return True
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+            self._kernels[key] = None
+            warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: {err}); "
+                          f"running the eager path instead", RuntimeWarning, stacklevel=4)
+            return False
+
+    def _run_fused(self, kernel, params, grads, states, scalars, wd, idx, device) -> list[int]:
+        """Run the compiled kernel over params[idx]; returns the indices it updated."""
+        if kernel is None:
+            return []
+        sdtype = torch.float32 if device.type == "mps" else torch.float64
+        names = list(scalars)
+        values = torch.tensor([float(scalars[k]) for k in names] + [float(wd)], dtype=sdtype, device=device)
+        parts = values.unbind()
+        tscalars = dict(zip(names, parts[:-1]))
+        twd = parts[-1]
+        if not self.per_tensor:
+            ok = kernel([params[i] for i in idx], [grads[i] for i in idx],
+                        {k: [v[i] for i in idx] for k, v in states.items()}, tscalars, twd)
+            return list(idx) if ok else []
+        flat = self.elementwise
+        done = []
+        for i in idx:
+            p, g = params[i], grads[i]
+            st = {k: [v[i].view(-1) if flat else v[i]] for k, v in states.items()}
+            if flat:
+                p, g = p.view(-1), g.view(-1)
+            if not kernel([p], [g], st, tscalars, twd):
+                break
+            done.append(i)
+        return done
+
+    # -------------------------------------------------------------------------------- state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict after checking it fits: same optimizer type, same parameter layout.
+
+        Raises ValueError/TypeError naming the mismatch before anything changes. State buffers keep
+        the dtype this optimizer stores them in (float32 states of bfloat16 params stay float32).
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise TypeError(f"{name}.load_state_dict takes the dict returned by state_dict() "
+                            f"(keys 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{name}: the state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{name}: param group {gi} of the state_dict holds {len(saved['params'])} "
+                                 f"params, this optimizer's holds {len(group['params'])}")
+            missing = [k for k in self.defaults if k not in saved]
+            if missing:
+                raise ValueError(f"{name}: the state_dict is not from a {name} (param group {gi} lacks "
+                                 f"{missing})")
+            self._check_hyperparams(saved, where=f" (state_dict param group {gi})")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for sid, p in zip(saved["params"], group["params"]):
+                id_map[sid] = (p, merged)
+        exact: list[tuple[Tensor, str, Tensor, torch.dtype]] = []
+        for sid, st in state_dict["state"].items():
+            if sid not in id_map:
+                raise ValueError(f"{name}: the state_dict has state for parameter id {sid!r}, which no param "
+                                 f"group lists")
+            p, group = id_map[sid]
+            template = self.init_state(torch.empty_like(p, device="meta"), group)
+            expected = set(template) | {"step"}
+            if set(st) != expected:
+                raise ValueError(f"{name}: the state of parameter {sid} has keys {sorted(st)}, expected "
+                                 f"{sorted(expected)}: the state_dict is from another optimizer or options")
+            for k, t in template.items():
+                v = st[k]
+                if not isinstance(v, Tensor) or v.shape != t.shape:
+                    got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(f"{name}: state {k!r} of parameter {sid} has shape {got}, expected "
+                                     f"{tuple(t.shape)} (parameter shape {tuple(p.shape)}): another layout")
+                exact.append((p, k, v, t.dtype))
+        super().load_state_dict(state_dict)
+        for p, k, v, dtype in exact:
+            self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)
+        for p in list(self.state):
+            st = self.state[p]
+            if "step" in st and isinstance(st["step"], Tensor):
+                st["step"] = int(st["step"].item())

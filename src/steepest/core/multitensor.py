@@ -1,0 +1,168 @@
+"""List-of-tensor operations shared by every update function.
+
+An update function is written once over lists of tensors and runs in two modes:
+
+* eager: hyperparameters arrive as Python numbers and each helper is one ``torch._foreach_*`` call
+  over the whole list (few kernel launches, as torch.optim's default for-each path);
+* fused: the same function is traced by ``torch.compile`` over one tensor at a time, with
+  hyperparameters as 0-dim tensors so that a changing learning rate never triggers a recompile.
+  ``torch._foreach_*`` ops take only Python numbers as scalars, so when a scalar is a tensor the
+  helpers fall back to plain tensor arithmetic, which the compiler fuses into one kernel anyway.
+
+Helpers whose name ends in ``_`` update their first argument in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+TensorList = Sequence[Tensor]
+
+
+def _is_tensor(s: object) -> bool:
+    return isinstance(s, Tensor)
+
+
+def mul_(xs: TensorList, s: Scalar | TensorList) -> None:
+    """xs *= s (a scalar or a list)."""
+    if _is_tensor(s):
+        for x in xs:
+            x.mul_(s)
+    else:
+        torch._foreach_mul_(xs, s)
+
+
+def mul(xs: TensorList, s: Scalar | TensorList) -> list[Tensor]:
+    """xs * s, a new list."""
+    if _is_tensor(s):
+        return [x * s for x in xs]
+    return list(torch._foreach_mul(xs, s))
+
+
+def div_(xs: TensorList, s: Scalar | TensorList) -> None:
+    """xs /= s (a scalar or a list)."""
+    if _is_tensor(s):
+        for x in xs:
+            x.div_(s)
+    else:
+        torch._foreach_div_(xs, s)
+
+
+def div(xs: TensorList, s: Scalar | TensorList) -> list[Tensor]:
+    """xs / s, a new list."""
+    if _is_tensor(s):
+        return [x / s for x in xs]
+    return list(torch._foreach_div(xs, s))
+
+
+def add_(xs: TensorList, ys: TensorList, alpha: Scalar = 1.0) -> None:
+    """xs += alpha * ys."""
+    if _is_tensor(alpha):
+        for x, y in zip(xs, ys):
+            x.add_(y * alpha)
+    else:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+
+
+def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1.0) -> list[Tensor]:
+    """xs + alpha * ys, a new list."""
+    if _is_tensor(alpha):
+        return [x + y * alpha for x, y in zip(xs, ys)]
+    return list(torch._foreach_add(xs, ys, alpha=alpha))
+
+
+def add_scalar_(xs: TensorList, s: Scalar) -> None:
+    """xs += s for a scalar s."""
+    if _is_tensor(s):
+        for x in xs:
+            x.add_(s)
+    else:
+        torch._foreach_add_(xs, s)
+
+
+def add_scalar(xs: TensorList, s: Scalar) -> list[Tensor]:
+    """xs + s for a scalar s, a new list."""
+    if _is_tensor(s):
+        return [x + s for x in xs]
+    return list(torch._foreach_add(xs, s))
+
+
+def lerp_(xs: TensorList, ys: TensorList, weight: Scalar) -> None:
+    """xs += weight * (ys - xs): the exponential moving average update."""
+    if _is_tensor(weight):
+        for x, y in zip(xs, ys):
+            x.add_((y - x) * weight)
+    else:
+        torch._foreach_lerp_(xs, ys, weight)
+
+
+def addcmul_(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1.0) -> None:
+    """xs += value * a * b."""
+    if _is_tensor(value):
+        for x, u, v in zip(xs, a, b):
+            x.add_(u * v * value)
+    else:
+        torch._foreach_addcmul_(xs, a, b, value=value)
+
+
+def addcdiv_(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1.0) -> None:
+    """xs += value * a / b."""
+    if _is_tensor(value):
+        for x, u, v in zip(xs, a, b):
+            x.add_(u / v * value)
+    else:
+        torch._foreach_addcdiv_(xs, a, b, value=value)
+
+
+def maximum_(xs: TensorList, ys: TensorList) -> None:
+    """xs = max(xs, ys) elementwise."""
+    torch._foreach_maximum_(xs, ys)
+
+
+def sqrt(xs: TensorList) -> list[Tensor]:
+    """Elementwise square root, a new list."""
+    return list(torch._foreach_sqrt(xs))
+
+
+def sign(xs: TensorList) -> list[Tensor]:
+    """Elementwise sign, a new list."""
+    return list(torch._foreach_sign(xs))
+
+
+def abs(xs: TensorList) -> list[Tensor]:  # noqa: A001 - mirrors torch naming
+    """Elementwise absolute value, a new list."""
+    return list(torch._foreach_abs(xs))
+
+
+def neg(xs: TensorList) -> list[Tensor]:
+    """Elementwise negation, a new list."""
+    return list(torch._foreach_neg(xs))
+
+
+def sub(xs: TensorList, ys: TensorList) -> list[Tensor]:
+    """xs - ys, a new list."""
+    return list(torch._foreach_sub(xs, ys))
+
+
+def clone(xs: TensorList) -> list[Tensor]:
+    """Copies of xs."""
+    return [x.clone() for x in xs]
+
+
+def copy_(xs: TensorList, ys: TensorList) -> None:
+    """xs[:] = ys."""
+    torch._foreach_copy_(xs, ys)
+
+
+def norms(xs: TensorList) -> list[Tensor]:
+    """The Euclidean norm of each tensor, as 0-dim tensors."""
+    return list(torch._foreach_norm(xs))
+
+
+def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
+    """The inner product <x, y> of each pair, as 0-dim tensors."""
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]

@@ -1,0 +1,337 @@
+"""The conformance battery (DESIGN.md section 4), applied to every registered optimizer."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import steepest  # noqa: F401 - fills the registry
+from steepest.core.registry import methods
+
+from .problem import closure_for, loss_fn, make_opt, make_params, run, snapshot
+
+METHODS = [m for m in methods() if issubclass(m.cls, torch.optim.Optimizer)]
+
+
+def applies(info, check):
+    if check in info.conformance_skip:
+        pytest.skip(f"{info.name}: {info.conformance_skip[check]}")
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def close(a, b, rtol, atol=0.0):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(params=METHODS, ids=[m.name for m in METHODS])
+def info(request):
+    return request.param
+
+
+def test_registered_metadata(info):
+    assert info.cls.__doc__ and "arXiv" in info.cls.__doc__ or not info.arxiv
+    assert info.state_words >= 0
+    assert info.cls.hyperparams, "every method validates its hyperparameters"
+
+
+def test_bad_hyperparameters_raise_naming_the_parameter(info):
+    for key, check in info.cls.hyperparams.items():
+        bad = getattr(check, "bad_example", None)
+        if bad is None or key in info.conformance_skip.get("bad_values", ""):
+            continue
+        params = make_params()
+        with pytest.raises((ValueError, TypeError), match=key):
+            make_opt(info, params, **{key: bad})
+
+
+def test_invalid_param_group_changes_nothing(info):
+    params = make_params()
+    opt = make_opt(info, params[:2])
+    before = copy.deepcopy(opt.param_groups)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": params[2:], "lr": -1.0})
+    with pytest.raises(ValueError, match="unknown option"):
+        opt.add_param_group({"params": params[2:], "learning_rate": 1.0})
+    assert len(opt.param_groups) == len(before)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in before]
+
+
+def test_param_groups_equal_separate_optimizers(info):
+    applies(info, "param_groups")
+    lr = info.example_kwargs.get("lr", 1e-3)
+    a = make_params()
+    opt = make_opt(info, [{"params": a[:2]}, {"params": a[2:], "lr": lr * 0.5}])
+    b = make_params()
+    o1, o2 = make_opt(info, b[:2]), make_opt(info, b[2:], lr=lr * 0.5)
+    for _ in range(4):
+        opt.step(closure_for(opt, a))
+        loss = loss_fn(b)
+        o1.zero_grad()
+        o2.zero_grad()
+        loss.backward()
+        o1.step(lambda: loss)
+        o2.step(lambda: loss)
+    assert same(a, b)
+
+
+def test_closure_returns_loss(info):
+    params = make_params()
+    opt = make_opt(info, params)
+    closure = closure_for(opt, params)
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and torch.isclose(loss, loss_fn(make_params()))
+
+
+def test_params_without_grad_are_skipped(info):
+    params = make_params()
+    frozen = params[1]
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    opt = make_opt(info, params)
+    for _ in range(3):
+        opt.step(closure_for(opt, params))
+    assert torch.equal(frozen, before)
+    assert len(opt.state[frozen]) == 0
+
+
+def test_step_with_no_grads_is_a_noop(info):
+    applies(info, "no_grad_noop")
+    params = make_params()
+    opt = make_opt(info, params)
+    before = snapshot(params)
+    opt.step(lambda: torch.tensor(0.0)) if info.cls.needs_closure else opt.step()
+    assert same(params, before)
+    assert all(len(s) == 0 for s in opt.state.values())
+
+
+def test_sparse_gradients_rejected_before_any_change(info):
+    params = make_params()
+    opt = make_opt(info, params)
+    opt.step(closure_for(opt, params))
+    state_before = copy.deepcopy(opt.state_dict())
+    before = snapshot(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad = params[-1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(lambda: torch.tensor(0.0))
+    assert same(params, before)
+    assert str(opt.state_dict()) == str(state_before)
+
+
+def test_maximize_equals_negated_gradient(info):
+    applies(info, "maximize")
+    a, b = make_params(), make_params()
+    oa = make_opt(info, a, maximize=True)
+    ob = make_opt(info, b)
+    for _ in range(4):
+        for pa, pb in zip(a, b):
+            g = torch.cos(3 * pb.detach()) + 0.1
+            pa.grad = -g.clone()
+            pb.grad = g.clone()
+        oa.step(lambda: torch.tensor(0.0))
+        ob.step(lambda: torch.tensor(0.0))
+    close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("via", ["direct", "torch_save", "deepcopy"])
+def test_state_dict_round_trip_continues_bit_for_bit(info, via):
+    params, opt = run(info, steps=3)
+    sd = opt.state_dict()
+    if via == "torch_save":
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+    elif via == "deepcopy":
+        sd = copy.deepcopy(sd)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = make_opt(info, twin, lr=0.12345)  # loading restores the saved lr too
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for _ in range(3):
+        opt.step(closure_for(opt, params))
+        opt2.step(closure_for(opt2, twin))
+    assert same(params, twin)
+
+
+def test_state_dict_is_deterministic(info):
+    _, o1 = run(info, steps=2)
+    _, o2 = run(info, steps=2)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k in s1["state"]:
+        for name, v in s1["state"][k].items():
+            w = s2["state"][k][name]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w
+
+
+def test_foreign_state_dict_rejected_without_change(info):
+    params, opt = run(info, steps=2)
+    before = copy.deepcopy(opt.state_dict())
+    other = steepest.SGD if info.cls is not steepest.SGD else steepest.AdamW
+    foreign_params = make_params()
+    fo = other(foreign_params, lr=1e-3, **({"momentum": 0.9} if other is steepest.SGD else {}))
+    fo.step(closure_for(fo, foreign_params))
+    with pytest.raises(ValueError):
+        opt.load_state_dict(fo.state_dict())
+    # Same optimizer, another parameter layout.
+    shapes = [(4, 5), (7,), (1,), (3, 2, 2)]
+    _, other_layout = run(info, steps=2, params=make_params(shapes=shapes))
+    if any(len(s) > 0 for s in other_layout.state.values()) and any(
+        torch.is_tensor(v) and v.dim() > 0 for s in other_layout.state.values() for v in s.values()
+    ):
+        with pytest.raises(ValueError, match="shape|layout"):
+            opt.load_state_dict(other_layout.state_dict())
+    assert str(opt.state_dict()) == str(before)
+
+
+def test_eager_and_compiled_agree_without_recompiles(info):
+    applies(info, "compile")
+    from torch._dynamo.utils import counters
+
+    eager, _ = run(info, steps=2, compile=False)
+    params = make_params()
+    opt = make_opt(info, params, compile=True)
+    opt.step(closure_for(opt, params))
+    graphs = counters["stats"]["unique_graphs"]
+    opt.step(closure_for(opt, params))
+    for _ in range(3):  # changing the learning rate between steps must not recompile either
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * 0.9
+        opt.step(closure_for(opt, params))
+    assert counters["stats"]["unique_graphs"] == graphs, "the fused kernel recompiled after its first step"
+    fused2, _ = run(info, steps=2, compile=True)
+    close(fused2, eager, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_tracks_float64(info, dtype):
+    applies(info, "dtypes")
+    ref, _ = run(info, steps=5, dtype=torch.float64)
+    got, opt = run(info, steps=5, dtype=dtype)
+    assert all(p.dtype == dtype for p in got)
+    for s in opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert v.dtype in (torch.float32,) if dtype == torch.bfloat16 else v.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a.float()).all()
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 10)
+
+
+def test_bfloat16_states_with_stochastic_rounding(info):
+    applies(info, "dtypes")
+    got, opt = run(info, steps=5, dtype=torch.float32, state_dtype=torch.bfloat16)
+    ref, _ = run(info, steps=5, dtype=torch.float32)
+    floating = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert all(v.dtype == torch.bfloat16 for v in floating)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+def test_deterministic_under_seed(info):
+    a, _ = run(info, steps=4, seed=3)
+    b, _ = run(info, steps=4, seed=3)
+    assert same(a, b)
+
+
+def test_zero_gradient_gives_no_nan(info):
+    params = make_params()
+    opt = make_opt(info, params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step(lambda: torch.tensor(0.0))
+    assert all(torch.isfinite(p).all() for p in params)
+    for s in opt.state.values():
+        for v in s.values():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert torch.isfinite(v).all()
+
+
+def test_zero_size_and_frozen_params(info):
+    params = make_params()
+    empty = torch.nn.Parameter(torch.zeros(0, 3, dtype=torch.float64))
+    frozen = torch.nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+    opt = make_opt(info, [*params, empty, frozen])
+    for _ in range(2):
+        empty.grad = torch.zeros_like(empty)
+        opt.step(closure_for(opt, params))
+    assert torch.equal(frozen, torch.ones(2, dtype=torch.float64))
+    assert empty.shape == (0, 3)
+
+
+def test_tensor_lr_equals_float_lr(info):
+    applies(info, "tensor_lr")
+    lr = info.example_kwargs.get("lr", 1e-3)
+    a, _ = run(info, steps=4, lr=lr)
+    b, _ = run(info, steps=4, lr=torch.tensor(lr, dtype=torch.float64))
+    assert same(a, b)
+
+
+def test_complex_params_equal_view_as_real(info):
+    applies(info, "complex")
+    g = torch.Generator().manual_seed(1)
+    z = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    oz, orr = make_opt(info, [z]), make_opt(info, [r])
+    for t in range(4):
+        gr = torch.cos(r.detach() * (t + 1))
+        r.grad = gr.clone()
+        z.grad = torch.view_as_complex(gr.clone())
+        oz.step(lambda: torch.tensor(0.0))
+        orr.step(lambda: torch.tensor(0.0))
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_tiny_lr_leaves_params_unchanged(info):
+    applies(info, "tiny_lr")
+    before = make_params()
+    after, _ = run(info, steps=3, lr=1e-28)
+    close(after, before, rtol=1e-15, atol=1e-15)
+
+
+def test_skip_nonfinite_changes_nothing(info):
+    params, opt = run(info, steps=1)
+    opt.skip_nonfinite = True
+    sd = copy.deepcopy(opt.state_dict())
+    before = snapshot(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0, 0] = float("nan")
+    opt.step(lambda: torch.tensor(0.0))
+    assert opt.skipped_steps == 1
+    assert same(params, before)
+    assert str(opt.state_dict()) == str(sd)
+
+
+def test_step_hooks_and_repr(info):
+    params = make_params()
+    opt = make_opt(info, params)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.step(closure_for(opt, params))
+    assert calls == ["pre", "post"]
+    assert info.cls.__name__ in repr(opt)
+
+
+def test_works_with_torch_lr_scheduler(info):
+    applies(info, "tensor_lr")
+    params = make_params()
+    opt = make_opt(info, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+    lr0 = opt.param_groups[0]["lr"]
+    for _ in range(3):
+        opt.step(closure_for(opt, params))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.125)
