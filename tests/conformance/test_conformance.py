@@ -70,14 +70,16 @@ def test_param_groups_equal_separate_optimizers(info):
     opt = make_opt(info, [{"params": a[:2]}, {"params": a[2:], "lr": lr * 0.5}])
     b = make_params()
     o1, o2 = make_opt(info, b[:2]), make_opt(info, b[2:], lr=lr * 0.5)
+    if info.cls.needs_closure:
+        pytest.skip("a closure-driven method re-evaluates the loss itself")
     for _ in range(4):
         opt.step(closure_for(opt, a))
         loss = loss_fn(b)
         o1.zero_grad()
         o2.zero_grad()
         loss.backward()
-        o1.step(lambda: loss)
-        o2.step(lambda: loss)
+        o1.step()
+        o2.step()
     assert same(a, b)
 
 
