@@ -1,9 +1,12 @@
 """steepest: optimizers from the literature, instruments to look inside training, and an honest benchmark."""
 
+from . import optim as _optim  # noqa: F401 - importing registers every optimizer
 from .core.base import Optimizer
-from .core.registry import get, methods
-from .optim import *  # noqa: F403 - every optimizer is importable as steepest.Name
-from .optim import __all__ as _optim_all
+from .core.registry import REGISTRY, get, methods
 
 __version__ = "0.1.0"
-__all__ = ["Optimizer", "get", "methods", "__version__", *_optim_all]
+
+# Every registered optimizer is importable as steepest.ClassName.
+globals().update({info.cls.__name__: info.cls for info in REGISTRY.values()})
+
+__all__ = ["Optimizer", "get", "methods", "__version__", *sorted(info.cls.__name__ for info in REGISTRY.values())]

@@ -1,6 +1,9 @@
-"""One module per method (or close family); importing this package registers them all."""
+"""One module per method (or close family). Importing this package imports every module in it, and
+each module registers its optimizers (steepest.core.registry)."""
 
-from .adam import Adam, AdamW
-from .sgd import SGD
+import importlib
+import pkgutil
 
-__all__ = ["Adam", "AdamW", "SGD"]
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
