@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
 from . import checks
@@ -38,6 +39,7 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 # Group keys torch.optim and its schedulers add beside the hyperparameters.
 _STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
 _COMPILE_MIN_NUMEL = 1 << 20
+_FUSE_CHUNK = 8
 _compile_counter = 0
 
 
@@ -125,6 +127,7 @@ class Optimizer(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
         self._kernels: dict[tuple, Callable | None] = {}
+        self._scratch_cache: dict[tuple, dict[str, Tensor]] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------- validation
@@ -311,7 +314,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _call_kernel(self, key, kernel, options, params, grads, states, scalars, wd):
         try:
-            kernel(type(self).update, params, grads, states, scalars, wd, **options)
+            # Without duck shaping, equal sizes seen at the first call get no shared symbol, so tensors of
+            # other sizes later reuse the same graph instead of recompiling.
+            with _fx_config.patch(use_duck_shape=False):
+                kernel(type(self).update, params, grads, states, scalars, wd, **options)
             return True
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
             self._kernels[key] = None
@@ -333,17 +339,37 @@ class Optimizer(torch.optim.Optimizer):
             ok = kernel([params[i] for i in idx], [grads[i] for i in idx],
                         {k: [v[i] for i in idx] for k, v in states.items()}, tscalars, twd)
             return list(idx) if ok else []
-        flat = self.elementwise
+        if not self.elementwise:
+            done = []
+            for i in idx:
+                if not kernel([params[i]], [grads[i]], {k: [v[i]] for k, v in states.items()}, tscalars, twd):
+                    break
+                done.append(i)
+            return done
+        # Elementwise updates run over flattened tensors, _FUSE_CHUNK at a time: fewer calls than one per
+        # tensor, and one compiled graph serves every chunk (the last one is padded with scratch tensors).
+        scratch = self._scratch(params[idx[0]], grads[idx[0]], {k: v[idx[0]] for k, v in states.items()})
         done = []
-        for i in idx:
-            p, g = params[i], grads[i]
-            st = {k: [v[i].view(-1) if flat else v[i]] for k, v in states.items()}
-            if flat:
-                p, g = p.view(-1), g.view(-1)
-            if not kernel([p], [g], st, tscalars, twd):
+        for start in range(0, len(idx), _FUSE_CHUNK):
+            chunk = idx[start:start + _FUSE_CHUNK]
+            pad = _FUSE_CHUNK - len(chunk)
+            ps = [params[i].view(-1) for i in chunk] + [scratch["param"]] * pad
+            gs = [grads[i].view(-1) for i in chunk] + [scratch["grad"]] * pad
+            st = {k: [v[i].view(-1) for i in chunk] + [scratch[k]] * pad for k, v in states.items()}
+            if not kernel(ps, gs, st, tscalars, twd):
                 break
-            done.append(i)
+            done.extend(chunk)
         return done
+
+    def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Two-element stand-ins that pad the last chunk of a fused call (their values are never read)."""
+        key = (p.device, p.dtype, g.dtype, tuple((k, v.dtype) for k, v in state.items()))
+        cache = self._scratch_cache
+        if key not in cache:
+            def two(dtype):
+                return torch.zeros(2, dtype=dtype, device=p.device)
+            cache[key] = {"param": two(p.dtype), "grad": two(g.dtype), **{k: two(v.dtype) for k, v in state.items()}}
+        return cache[key]
 
     # -------------------------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

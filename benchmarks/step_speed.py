@@ -1,0 +1,152 @@
+"""Optimizer step speed against the memory-traffic floor (DESIGN.md section 5).
+
+For each registered elementwise optimizer, on N float32 parameters in T tensors, prints:
+eager and fused ms/step (median after warm-up), first fused step (compile) seconds, the floor
+(bytes read+written per step / measured bandwidth), the ratio to it, the ratio to
+torch.optim.AdamW's default (for-each) step timed interleaved in the same run, and the state bytes
+per parameter actually allocated.
+
+Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
+word; write p and each state word). The bandwidth is the best of in-place kernels
+(``a.addcmul_(b, c)``, ``a.lerp_(b, w)``) and torch's fused AdamW per word moved.
+
+    python benchmarks/step_speed.py                      # 16M params in 40 tensors, every method
+    python benchmarks/step_speed.py --numel 4000000 --only adamw,lion --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import steepest
+from steepest.core.registry import methods
+
+
+def _best_ms(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def measure_bandwidth(numel: int, repeats: int = 8) -> tuple[float, dict[str, float]]:
+    """Bytes per second of the fastest in-place streaming kernel (and torch's fused AdamW)."""
+    a, b, c = (torch.randn(numel) for _ in range(3))
+    rates = {}
+    ms = _best_ms(lambda: a.addcmul_(b, c, value=1e-9), repeats)
+    rates["addcmul_"] = 4 * 4 * numel / (ms / 1e3)
+    ms = _best_ms(lambda: a.lerp_(b, 0.001), repeats)
+    rates["lerp_"] = 3 * 4 * numel / (ms / 1e3)
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    fused = torch.optim.AdamW([p], lr=1e-6, fused=True)
+    fused.step()
+    ms = _best_ms(fused.step, repeats)
+    rates["torch fused AdamW"] = 7 * 4 * numel / (ms / 1e3)
+    return max(rates.values()), rates
+
+
+def make_params(numel: int, tensors: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    per = numel // tensors
+    params = []
+    for _ in range(tensors):
+        p = torch.nn.Parameter(torch.randn(per, generator=g) * 0.02)
+        p.grad = torch.randn(per, generator=g) * 1e-3
+        params.append(p)
+    return params
+
+
+def state_bytes_per_param(opt, params) -> float:
+    total = 0
+    for p in params:
+        for v in opt.state[p].values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total / sum(p.numel() for p in params)
+
+
+def _closure():
+    return torch.tensor(1.0)
+
+
+def time_interleaved(steps: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each candidate, timed A, B, C, A, B, C, ... so that drift hits all alike."""
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--numel", type=int, default=16 * 2**20)
+    ap.add_argument("--tensors", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--only", default="", help="comma-separated method names")
+    ap.add_argument("--no-fused", action="store_true", help="skip the compiled path")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    bw, rates = measure_bandwidth(args.numel)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
+          f"in {args.tensors} tensors")
+    print("bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()) + f" -> floor uses {bw / 1e9:.1f}")
+    chosen = [m for m in methods() if m.family in ("first-order", "parameter-free", "schedule-free")]
+    if args.only:
+        names = args.only.split(",")
+        chosen = [steepest.get(n) for n in names]
+    head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
+            f"{'fused/fl':>9s} {'eager/tAdamW':>12s} {'fused/tAdamW':>12s} {'state B/p':>9s}")
+    print(head)
+    print("-" * len(head))
+    params = make_params(args.numel, args.tensors)
+    for info in chosen:
+        words = 3 + 2 * info.state_words
+        floor_ms = words * 4 * args.numel / bw * 1e3
+        kwargs = dict(info.example_kwargs)
+        kwargs["lr"] = 1e-6
+        needs_closure = getattr(info.cls, "needs_closure", False)
+        try:
+            eager = info.cls(params, compile=False, **kwargs)
+        except TypeError:
+            print(f"{info.name:14s} (skipped: does not take the engine's compile option)")
+            continue
+        step_e = (lambda o=eager: o.step(_closure)) if needs_closure else eager.step
+        step_e()
+        candidates = {"eager": step_e}
+        first_s = float("nan")
+        if not args.no_fused:
+            fused = info.cls(params, compile=True, **kwargs)
+            step_f = (lambda o=fused: o.step(_closure)) if needs_closure else fused.step
+            t = time.perf_counter()
+            step_f()
+            first_s = time.perf_counter() - t
+            step_f()
+            candidates["fused"] = step_f
+        ref = torch.optim.AdamW(params, lr=1e-6)
+        ref.step()
+        candidates["torch AdamW"] = ref.step
+        ms = time_interleaved(candidates, args.rounds)
+        sbytes = state_bytes_per_param(eager, params)
+        fused_ms = ms.get("fused", float("nan"))
+        print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
+              f"{ms['eager'] / floor_ms:9.2f} {fused_ms / floor_ms:9.2f} {ms['eager'] / ms['torch AdamW']:12.2f} "
+              f"{fused_ms / ms['torch AdamW']:12.2f} {sbytes:9.1f}", flush=True)
+        del eager, candidates
+        if not args.no_fused:
+            del fused
+    print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth; torch AdamW = torch.optim.AdamW() default "
+          "(for-each), 7 words/param; ratios are per step, same run, interleaved timing.")
+
+
+if __name__ == "__main__":
+    main()
