@@ -1,0 +1,180 @@
+"""The engine's own behaviour: precision, fallbacks, GradScaler, registry and checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steepest
+from steepest.core import checks, registry
+from steepest.core.base import _COMPILE_MIN_NUMEL
+from steepest.core.precision import stochastic_round_to_bf16
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
+    torch.manual_seed(0)
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    ulp = 2.0**-7  # bfloat16 spacing in [1, 2)
+    x = torch.full((200_000,), 1.0 + 0.3 * ulp)
+    r = stochastic_round_to_bf16(x).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + ulp}
+    frac_up = (r > lo.float()).float().mean().item()
+    # Binomial(200k, 0.3): standard deviation ~0.001.
+    assert abs(frac_up - 0.3) < 0.005
+    assert abs(r.double().mean().item() - x.double().mean().item()) < 5e-3 * ulp
+
+
+def test_stochastic_rounding_keeps_nan_inf_and_exact_values():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5, 0.0, -2.0, 3.3895313892515355e38])
+    r = stochastic_round_to_bf16(x)
+    assert torch.isnan(r[0]) and r[1] == float("inf") and r[2] == -float("inf")
+    assert r[3:6].tolist() == [1.5, 0.0, -2.0]
+    assert torch.isfinite(r[6])
+
+
+def test_bf16_params_get_float32_states_and_track_float32_run():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    p16 = torch.nn.Parameter(w.bfloat16())
+    p32 = torch.nn.Parameter(w.clone())
+    o16 = steepest.AdamW([p16], lr=1e-2)
+    o32 = steepest.AdamW([p32], lr=1e-2)
+    for t in range(10):
+        g = torch.sin(w * (t + 1))
+        p16.grad, p32.grad = g.bfloat16(), g.clone()
+        o16.step()
+        o32.step()
+    assert o16.state[p16]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(p16.float(), p32.detach(), rtol=1e-2, atol=1e-2)
+
+
+def test_stochastic_rounding_keeps_small_updates_of_bf16_params():
+    # Updates far below half a bf16 ulp vanish under round-to-nearest but survive on average with SR.
+    torch.manual_seed(0)
+    n, steps, lr = 4096, 50, 1e-4
+    p_rn = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    p_sr = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    o_rn = steepest.SGD([p_rn], lr=lr)
+    o_sr = steepest.SGD([p_sr], lr=lr, stochastic_rounding=True)
+    for _ in range(steps):
+        p_rn.grad = -torch.ones(n, dtype=torch.bfloat16)
+        p_sr.grad = -torch.ones(n, dtype=torch.bfloat16)
+        o_rn.step()
+        o_sr.step()
+    assert torch.all(p_rn == 1.0)
+    expected = 1.0 + steps * lr
+    assert abs(p_sr.double().mean().item() - expected) < 0.1 * steps * lr
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        def fn(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+    opt = steepest.AdamW([p], lr=0.1, compile=True)
+    ref = steepest.AdamW([q], lr=0.1, compile=False)
+    p.grad = torch.arange(8.0, dtype=torch.float64)
+    q.grad = p.grad.clone()
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        opt.step()
+    ref.step()
+    assert torch.equal(p, q)
+
+
+def test_auto_compile_threshold():
+    small = steepest.AdamW([torch.nn.Parameter(torch.ones(10))])
+    assert not small._wants_compile([torch.ones(10)])
+    assert small._wants_compile([torch.ones(_COMPILE_MIN_NUMEL)])
+    assert not steepest.AdamW([torch.nn.Parameter(torch.ones(1))], compile=False)._wants_compile(
+        [torch.ones(_COMPILE_MIN_NUMEL)])
+
+
+def test_fused_chunks_with_uneven_sizes_match_eager():
+    torch.manual_seed(0)
+    shapes = [(3, 5), (17,), (2, 2, 2), (9,), (4, 4), (11,), (6,), (5, 3), (7,), (13,)]  # 10 tensors: 8 + 2 padded
+    def run(compile):
+        ps = [torch.nn.Parameter(torch.linspace(-1, 1, torch.Size(s).numel(), dtype=torch.float64).reshape(s))
+              for s in shapes]
+        opt = steepest.AdamW(ps, lr=0.05, weight_decay=0.1, compile=compile)
+        for t in range(4):
+            for p in ps:
+                p.grad = torch.cos(p.detach() * (t + 2))
+            opt.step()
+        return ps
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_scaler_skips_inf_steps_and_unscales():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = steepest.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    ref = torch.nn.Linear(4, 1)
+    ref.load_state_dict(model.state_dict())
+    ref_opt = steepest.AdamW(ref.parameters(), lr=0.1)
+    for step in range(3):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if step == 1:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+    assert scaler.get_scale() == 512.0
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_checks_name_the_parameter_and_range():
+    with pytest.raises(ValueError, match=r"lr must lie in \[0, inf\), got -1"):
+        checks.nonnegative("lr", -1)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        checks.betas(2)("betas", (0.9, 1.0))
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        checks.positive("eps", "1e-8")
+    with pytest.raises(ValueError, match="one-element tensor"):
+        checks.nonnegative("lr", torch.ones(2))
+    checks.nonnegative("lr", torch.tensor(0.1))
+
+
+def test_registry_suggests_close_names():
+    with pytest.raises(KeyError, match="did you mean adamw"):
+        registry.get("adamww")
+    assert registry.get("AdamW").cls is steepest.AdamW
+
+
+def test_unknown_constructor_option_is_a_type_error():
+    with pytest.raises(TypeError):
+        steepest.AdamW([torch.nn.Parameter(torch.ones(2))], learning_rate=0.1)
+    with pytest.raises(ValueError, match="compile"):
+        steepest.AdamW([torch.nn.Parameter(torch.ones(2))], compile="sometimes")
+
+
+def test_loading_torch_adamw_state_dict_continues_identically():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(a.detach().clone())
+    ta = torch.optim.AdamW([a], lr=0.01, weight_decay=0.1)
+    for t in range(3):
+        a.grad = torch.sin(a.detach() * (t + 1))
+        ta.step()
+    b.data.copy_(a.detach())
+    ours = steepest.AdamW([b], lr=0.01, weight_decay=0.1)
+    ours.load_state_dict(ta.state_dict())
+    assert ours.state[b]["step"] == 3
+    for t in range(3, 6):
+        a.grad = torch.sin(a.detach() * (t + 1))
+        b.grad = a.grad.clone()
+        ta.step()
+        ours.step()
+    assert torch.equal(a, b)
