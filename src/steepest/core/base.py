@@ -101,6 +101,9 @@ class Optimizer(torch.optim.Optimizer):
     elementwise: ClassVar[bool] = True
     # The update couples no two tensors, so the fused path may compile one tensor at a time.
     per_tensor: ClassVar[bool] = True
+    # False for methods whose step is not a good torch.compile target (matrix decompositions, host-side
+    # reductions): they always run the eager path, whatever ``compile`` says.
+    fusable: ClassVar[bool] = True
     needs_closure: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
 
@@ -288,7 +291,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:
-        if self.compile is False:
+        if self.compile is False or not self.fusable:
             return False
         if self.compile is True:
             return True
