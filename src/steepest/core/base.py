@@ -301,7 +301,8 @@ class Optimizer(torch.optim.Optimizer):
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
         if p.numel() < 2 or not p.is_contiguous() or not g.is_contiguous():
             return False
-        return all(v[i].is_contiguous() for v in states.values())
+        # torch.compile (2.13) drops in-place writes to 0-dim tensor inputs: such states stay eager.
+        return all(v[i].is_contiguous() and v[i].dim() > 0 for v in states.values())
 
     def _kernel(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], options: dict[str, Any]):
         static = options["static"]

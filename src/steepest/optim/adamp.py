@@ -1,0 +1,188 @@
+"""AdamP and SGDP: Adam and SGD with the radial component of the update projected out (Heo et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import checks
+from ..core import multitensor as mt
+from ..core.base import Optimizer
+from ..core.registry import register
+
+
+def _project(p, grad, perturb, delta, wd_ratio, eps):
+    """The authors' ``_projection`` without data-dependent branches (so that it compiles).
+
+    For a parameter of 2+ dims: if the largest |cos(grad, p)| over its output channels is below
+    delta/sqrt(fan-in), remove the per-channel component of ``perturb`` along p; else, if |cos| over
+    the whole tensor is below delta/sqrt(numel), remove the whole-tensor component; else leave it.
+    Returns (perturb, weight-decay ratio): wd_ratio where a projection happened, else 1.
+    """
+    if p.dim() <= 1 or p.numel() == 0:
+        return perturb, None
+    expand = [-1] + [1] * (p.dim() - 1)
+    projected, conds = [], []
+    for rows in (p.shape[0], 1):
+        pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
+        cos = torch.nn.functional.cosine_similarity(gv, pv, dim=1, eps=eps).abs()
+        conds.append(cos.max() < delta / math.sqrt(pv.shape[1]))
+        p_n = p / pv.norm(dim=1).view(expand).add(eps)
+        projected.append(perturb - p_n * (p_n * perturb).reshape(rows, -1).sum(dim=1).view(expand))
+    channel, layer = conds
+    out = torch.where(channel, projected[0], torch.where(layer, projected[1], perturb))
+    one = p.new_ones(())
+    ratio = torch.where(channel | layer, one * wd_ratio, one)
+    return out, ratio
+
+
+def _decay_and_step(p, perturb, ratio, lr, wd_coef, step_size):
+    """p <- p (1 - lr wd ratio) - step_size perturb, as the package (decay skipped when wd = 0)."""
+    if wd_coef is not None:
+        if ratio is None:
+            p.mul_(1.0 - wd_coef)
+        else:
+            p.mul_(1.0 - wd_coef * ratio)
+    p.add_(perturb * -step_size)
+
+
+def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, bias_correction1,
+                 bias_correction2_sqrt, delta, wd_ratio, wd_coef, nesterov=False, decay=False):
+    """Adam moments, then per tensor: projection, decoupled weight decay scaled by the ratio, step."""
+    mt.lerp_(exp_avg, grads, 1.0 - beta1)
+    mt.mul_(exp_avg_sq, beta2)
+    mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
+    denom = mt.sqrt(exp_avg_sq)
+    mt.div_(denom, bias_correction2_sqrt)
+    mt.add_scalar_(denom, eps)
+    if nesterov:
+        num = mt.mul(exp_avg, beta1)
+        mt.add_(num, grads, 1.0 - beta1)
+    else:
+        num = exp_avg
+    step_size = lr / bias_correction1
+    for p, g, n, d in zip(params, grads, num, denom):
+        perturb, ratio = _project(p, g, n / d, delta, wd_ratio, eps)
+        _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
+
+
+def sgdp_update(params, grads, momentum_buffer, *, lr, momentum, dampening, eps, delta, wd_ratio, wd_coef,
+                nesterov=False, decay=False):
+    """buf <- momentum buf + (1 - dampening) g (buf_0 = 0); d = g + momentum buf (nesterov) or buf;
+    then per tensor: projection, weight decay lr wd ratio / (1 - momentum), p <- p - lr d."""
+    mt.mul_(momentum_buffer, momentum)
+    mt.add_(momentum_buffer, grads, 1.0 - dampening)
+    direction = mt.add(grads, momentum_buffer, momentum) if nesterov else momentum_buffer
+    for p, g, d in zip(params, grads, direction):
+        perturb, ratio = _project(p, g, d, delta, wd_ratio, eps)
+        if not nesterov and perturb is not d:
+            d.copy_(perturb)  # the package projects its buffer in place: the buffer keeps the projection
+        _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, lr)
+
+
+_PROJECTION_NOTE = """
+    The projection (Heo et al. 2021, Algorithm 1 and the authors' ``_projection``): for a parameter with
+    2+ dims, if max over output channels of |cos(g, p)| < delta / sqrt(fan-in), the update loses its
+    per-channel component along p (p_n = p / (||p|| + eps) per channel); otherwise, if |cos(g, p)| over
+    the whole tensor < delta / sqrt(numel), it loses its whole-tensor component; when a projection
+    happens, weight decay is scaled by ``wd_ratio``. 0- and 1-dim parameters are never projected.
+    Both candidates are computed and selected with ``torch.where`` (no host synchronisation), which
+    gives the package's result. Zero-size parameters are left unprojected (the package fails on them).
+"""
+
+
+@register("adamp", family="first-order",
+          paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
+                "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=2,
+          example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
+          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+                        "weight_decay": ("log", 5e-3, 1.0)})
+class AdamP(Optimizer):
+    """AdamP (Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha 2021, "AdamP: Slowing Down the Slowdown for Momentum
+    Optimizers on Scale-invariant Weights", ICLR 2021, arXiv 2006.08217), as the ``adamp`` package.
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  u = m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    (nesterov: u = (b1 m + (1-b1) g) / (...));  u <- Proj(u);  p <- p (1 - lr wd r) - lr/(1-b1^t) u,
+    with r = wd_ratio where the projection applied, else 1. Weight decay is decoupled (as AdamW).
+    Defaults (the package's): lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0, delta 0.1,
+    wd_ratio 0.1, nesterov False. State: exp_avg, exp_avg_sq (2 words).
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "eps": checks.positive,
+                   "weight_decay": checks.nonnegative, "delta": checks.nonnegative, "wd_ratio": checks.nonnegative,
+                   "nesterov": checks.boolean}
+    weight_decay_mode = "custom"
+    elementwise = False
+    update = staticmethod(adamp_update)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
+                 nesterov=False, *, maximize=False, **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov,
+                        maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+
+    def scalars(self, group, step):
+        beta1, beta2 = group["betas"]
+        lr = self.lr(group)
+        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=1.0 - beta1**step,
+                    bias_correction2_sqrt=math.sqrt(1.0 - beta2**step), delta=group["delta"],
+                    wd_ratio=group["wd_ratio"], wd_coef=lr * group["weight_decay"])
+
+    def static_options(self, group):
+        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0}
+
+
+@register("sgdp", family="first-order",
+          paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
+                "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=1,
+          example_kwargs={"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+          search_space={"lr": ("log", 2e-2, 5.0), "one_minus_momentum": ("log", 1e-3, 0.5),
+                        "weight_decay": ("log", 1e-7, 1e-2)})
+class SGDP(Optimizer):
+    """SGDP (Heo et al. 2021, arXiv 2006.08217): SGD with the AdamP projection, as the ``adamp`` package.
+
+    buf = momentum buf + (1 - dampening) g (buf starts at zero; unlike torch.optim.SGD the first step does
+    not copy g); d = g + momentum buf (nesterov) or buf; d <- Proj(d);
+    p <- p (1 - lr wd r / (1 - momentum)) - lr d, with r = wd_ratio where the projection applied, else 1.
+    Weight decay is decoupled and divided by (1 - momentum), as the package. With nesterov=False the
+    package's direction d *is* the momentum buffer and its projection runs in place, so the buffer keeps
+    the projected value (the paper's Algorithm 2 keeps the buffer unprojected); this implementation does
+    the same as the package, so that the trajectories agree.
+    Defaults: lr 1e-3 (the package requires one), momentum 0, dampening 0, weight_decay 0, nesterov False,
+    eps 1e-8, delta 0.1, wd_ratio 0.1. State: momentum_buffer (1 word, also with momentum 0, as the package).
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "dampening": checks.real(0.0, 1.0),
+                   "weight_decay": checks.nonnegative, "nesterov": checks.boolean, "eps": checks.positive,
+                   "delta": checks.nonnegative, "wd_ratio": checks.nonnegative}
+    weight_decay_mode = "custom"
+    elementwise = False
+    update = staticmethod(sgdp_update)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, eps=1e-8,
+                 delta=0.1, wd_ratio=0.1, *, maximize=False, **engine):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"momentum_buffer": self.zeros_state(p)}
+
+    def scalars(self, group, step):
+        lr = self.lr(group)
+        momentum = group["momentum"]
+        return dict(lr=lr, momentum=momentum, dampening=group["dampening"], eps=group["eps"],
+                    delta=group["delta"], wd_ratio=group["wd_ratio"],
+                    wd_coef=lr * group["weight_decay"] / (1.0 - momentum))
+
+    def static_options(self, group):
+        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0}
+
+
+AdamP.__doc__ += _PROJECTION_NOTE
+SGDP.__doc__ += _PROJECTION_NOTE
