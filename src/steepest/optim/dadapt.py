@@ -1,0 +1,353 @@
+"""D-Adaptation (Adam and SGD), and the engine piece shared by methods whose step couples all tensors.
+
+D-Adaptation, Prodigy and DoG estimate one step size from reductions over every tensor (inner
+products, norms), then update each tensor with it. Their step is two passes with host-side scalars in
+between, so it cannot be one kernel per tensor: :class:`GlobalStepOptimizer` runs it on the eager
+for-each path, with the base's checks (closure, sparse gradients, skip_nonfinite), ``maximize``,
+float32 working copies of 16-bit params and states, stochastic rounding and complex params (as their
+real view) kept exactly as the other optimizers have them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import checks
+from ..core import multitensor as mt
+from ..core.base import Optimizer
+from ..core.precision import is_low_precision, write_back_
+from ..core.registry import register
+
+
+def growth_rate_check(name: str, value: Any) -> None:
+    """A positive number; ``inf`` (no limit) allowed."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a positive number or inf, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not x > 0:
+        raise ValueError(f"{name} must be > 0 (inf for no limit), got {x!r}")
+
+
+growth_rate_check.bad_example = 0.0
+
+
+def total(values: list[Tensor]) -> float:
+    """The sum of 0-dim tensors as a Python float (summed in float64, one host synchronisation)."""
+    if not values:
+        return 0.0
+    t = torch.stack([v.reshape(()) for v in values])
+    if t.device.type == "mps":
+        t = t.cpu()
+    return float(t.double().sum())
+
+
+def l1_norms(xs: list[Tensor]) -> list[Tensor]:
+    return list(torch._foreach_norm(xs, 1)) if xs else []
+
+
+def sq_norms(xs: list[Tensor]) -> list[Tensor]:
+    return [n * n for n in torch._foreach_norm(xs)] if xs else []
+
+
+class Bucket:
+    """The params of one group on one device and dtype, as working tensors the update may change in place.
+
+    ``p``, ``g`` and each ``s[name]`` are float32 copies of 16-bit tensors (the tensor itself otherwise),
+    real views of complex ones, and ``g`` is negated under ``maximize``; :meth:`write_back` stores the
+    working params and states home (stochastically rounded where the optimizer says so).
+    """
+
+    def __init__(self, opt: Optimizer, group: dict[str, Any], params: list[Tensor]) -> None:
+        self.group = group
+        self.params = params
+        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+        grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad for p in params]
+        self._home_p = real
+        self.p = [x.float() if is_low_precision(x.dtype) else x for x in real]
+        g = [x.float() if is_low_precision(x.dtype) else x for x in grads]
+        self.g = mt.neg(g) if group["maximize"] else g
+        names = [k for k in opt.state[params[0]] if k != "step"]
+        self._home_s = {k: [self._real(opt.state[p][k]) for p in params] for k in names}
+        self.s = {k: [x.float() if is_low_precision(x.dtype) else x for x in v] for k, v in self._home_s.items()}
+        self._stochastic = opt.stochastic_rounding
+
+    @staticmethod
+    def _real(t: Tensor) -> Tensor:
+        return torch.view_as_real(t) if t.is_complex() else t
+
+    def write_back(self) -> None:
+        for home, work in zip(self._home_p, self.p):
+            write_back_(home, work, self._stochastic)
+        for k, homes in self._home_s.items():
+            for home, work in zip(homes, self.s[k]):
+                write_back_(home, work, self._stochastic)
+
+
+class GlobalStepOptimizer(Optimizer):
+    """Base of optimizers whose step reduces over all tensors to host scalars before it updates any.
+
+    A subclass implements :meth:`global_step` over the :class:`Bucket` s of this step. It runs the eager
+    for-each path only (``fusable = False``: ``compile`` is accepted and has no effect). Options named in
+    ``shared_options`` are read from the first param group (as the authors' code does): every group must
+    agree on them.
+    """
+
+    per_tensor = False
+    elementwise = False
+    fusable = False  # host-side reductions between two passes: always the eager path, whatever compile says
+    weight_decay_mode = "custom"
+    shared_options: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults, **engine) -> None:
+        super().__init__(params, defaults, **engine)
+        self._pending: list[tuple[dict[str, Any], list[Tensor]]] | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        self._pending = []
+        try:
+            loss = super().step(closure)  # checks, closure, skip_nonfinite; collects into _pending
+            work = self._pending
+        finally:
+            self._pending = None
+        if work:
+            self._check_shared()
+            self.global_step(work)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        self._pending.append((group, params))
+
+    def _check_shared(self) -> None:
+        first = self.param_groups[0]
+        for gi, group in enumerate(self.param_groups[1:], start=1):
+            for key in self.shared_options:
+                if group[key] != first[key]:
+                    raise ValueError(f"{type(self).__name__}: {key} is shared by all param groups (the step size "
+                                     f"is estimated jointly); param group {gi} has {group[key]!r}, group 0 "
+                                     f"{first[key]!r}")
+
+    def shared_lr(self) -> float:
+        """The one learning rate of all groups (groups may also hold lr=0, which freezes them)."""
+        lrs = [self.lr(g) for g in self.param_groups]
+        lr = max(lrs)
+        for gi, x in enumerate(lrs):
+            if x not in (lr, 0.0):
+                raise ValueError(f"{type(self).__name__}: param group {gi} has lr {x!r} but another has {lr!r}; "
+                                 f"the adapted step size is global, so groups share one lr (or lr=0 to freeze a "
+                                 f"group), as in the authors' code")
+        return lr
+
+    def buckets(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Bucket]:
+        """State initialised where missing, then the working tensors, by group, device and dtype."""
+        out = []
+        for group, params in work:
+            split: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(self.init_state(p, group))
+                    state["step"] = 0
+                split[(p.device, p.dtype, p.grad.dtype)].append(p)
+            out.extend(Bucket(self, group, ps) for ps in split.values())
+        return out
+
+    def count_step(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            for p in b.params:
+                self.state[p]["step"] += 1
+
+    def copy_state(self, p: Tensor) -> Tensor:
+        """A copy of p in the state dtype (an initial point kept for distances)."""
+        return torch.empty_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format).copy_(p)
+
+    def global_step(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        raise NotImplementedError
+
+
+_DADAPT_SKIP = {
+    "compile": "the step reduces over all tensors to host scalars (the D estimate) between two passes: it runs "
+               "the eager for-each path only",
+    "param_groups": "D is estimated jointly over all param groups, so one optimizer over two groups is not two "
+                    "optimizers; groups share one lr (or 0), as in the authors' code",
+}
+
+
+@register("dadapt_adam", family="parameter-free",
+          paper="Defazio & Mishchenko 2023, Learning-Rate-Free Learning by D-Adaptation", arxiv="2301.07733",
+          reference="dadaptation 3.2 (DAdaptAdam)", state_words=3, example_kwargs={"lr": 1.0},
+          conformance_skip=_DADAPT_SKIP, search_space={"lr": ("log", 0.3, 3.0)})
+class DAdaptAdam(GlobalStepOptimizer):
+    """D-Adaptation Adam (Defazio & Mishchenko 2023, "Learning-Rate-Free Learning by D-Adaptation",
+    arXiv 2301.07733), as the authors' package ``dadaptation`` 3.2 (``DAdaptAdam``).
+
+    With dlr = d lr bc (bc = sqrt(1-b2^(k+1))/(1-b1^(k+1)) if ``use_bias_correction``, else 1) and the
+    layer scale r of each group, per step k over all tensors:
+
+        num   += r dlr <g, s / (sqrt(v) + eps)>          (v, s before this step's update)
+        m  = b1 m + r dlr (1-b1) g;   v = b2 v + (1-b2) g^2;   s = sqrt(b2) s + dlr (1-sqrt(b2)) g
+        N  = sqrt(b2) N + (1-sqrt(b2)) num;   d_hat = N / ((1-sqrt(b2)) sum_groups r ||s||_1)
+        d  = max(d, min(d_hat, d growth_rate))
+        p <- p (1 - wd dlr) [decouple];   p <- p - m / (sqrt(v) + eps)
+
+    ``lr`` multiplies the adapted step (leave it at 1). Weight decay is L2 (g <- g + wd p) unless
+    ``decouple=True`` (AdamW style, scaled by dlr). ``layer_scale`` (a param-group option) scales a
+    group's step. Defaults: lr 1, betas (0.9, 0.999), eps 1e-8, weight_decay 0, d0 1e-6,
+    growth_rate inf. State: s, exp_avg, exp_avg_sq (3 words); d, k and N live in every param group
+    (``group["d"]`` is the current D estimate).
+
+    Differences from the package: betas, decouple, use_bias_correction, d0 and growth_rate must agree
+    across param groups (the package silently reads group 0); p.grad is never modified (the package adds
+    L2 decay into it); no ``log_every`` or FSDP all-reduce (single process). If sum ||s||_1 is zero
+    (all gradients zero so far) the moments are updated and nothing else, as in the package.
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "eps": checks.positive,
+                   "weight_decay": checks.nonnegative, "decouple": checks.boolean,
+                   "use_bias_correction": checks.boolean, "d0": checks.positive, "growth_rate": growth_rate_check,
+                   "layer_scale": checks.nonnegative}
+    shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate")
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decouple=False,
+                 use_bias_correction=False, d0=1e-6, growth_rate=math.inf, layer_scale=1.0, *, maximize=False,
+                 **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, decouple=decouple, use_bias_correction=use_bias_correction,
+                        d0=d0, growth_rate=growth_rate, layer_scale=layer_scale, maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"s": self.zeros_state(p), "exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+
+    def global_step(self, work):
+        g0 = self.param_groups[0]
+        lr = self.shared_lr()
+        beta1, beta2 = g0["betas"]
+        k, d, nw = g0.get("k", 0), g0.get("d", g0["d0"]), g0.get("numerator_weighted", 0.0)
+        decouple, growth_rate = g0["decouple"], g0["growth_rate"]
+        bc = (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1.0
+        dlr = d * lr * bc
+        sqrt_beta2 = beta2**0.5
+        buckets = self.buckets(work)
+        acc, sk_l1 = 0.0, 0.0
+        for b in buckets:
+            group = b.group
+            decay, eps, r = group["weight_decay"], group["eps"], group["layer_scale"]
+            if self.lr(group) == 0:
+                continue
+            g = mt.add(b.g, b.p, alpha=decay) if decay != 0 and not decouple else b.g
+            s, m, v = b.s["s"], b.s["exp_avg"], b.s["exp_avg_sq"]
+            denom = mt.sqrt(v)
+            mt.add_scalar_(denom, eps)
+            acc += r * dlr * total(mt.dots(g, mt.div(s, denom)))
+            mt.mul_(m, beta1)
+            mt.add_(m, g, r * dlr * (1 - beta1))
+            mt.mul_(v, beta2)
+            mt.addcmul_(v, g, g, 1 - beta2)
+            mt.mul_(s, sqrt_beta2)
+            mt.add_(s, g, dlr * (1 - sqrt_beta2))
+            sk_l1 += r * total(l1_norms(s))
+        nw = sqrt_beta2 * nw + (1 - sqrt_beta2) * acc
+        if sk_l1 == 0:
+            for b in buckets:
+                b.write_back()
+            return
+        if lr > 0:
+            d_hat = nw / ((1 - sqrt_beta2) * sk_l1)
+            d = max(d, min(d_hat, d * growth_rate))
+        for group in self.param_groups:
+            group.update(numerator_weighted=nw, d=d, k=k + 1)
+        for b in buckets:
+            decay, eps = b.group["weight_decay"], b.group["eps"]
+            denom = mt.sqrt(b.s["exp_avg_sq"])
+            mt.add_scalar_(denom, eps)
+            if decay != 0 and decouple:
+                mt.add_(b.p, b.p, -decay * dlr)
+            mt.addcdiv_(b.p, b.s["exp_avg"], denom, -1.0)
+            b.write_back()
+        self.count_step(buckets)
+
+
+@register("dadapt_sgd", family="parameter-free",
+          paper="Defazio & Mishchenko 2023, Learning-Rate-Free Learning by D-Adaptation", arxiv="2301.07733",
+          reference="dadaptation 3.2 (DAdaptSGD)", state_words=2, example_kwargs={"lr": 1.0, "momentum": 0.9},
+          conformance_skip=_DADAPT_SKIP, search_space={"lr": ("log", 0.3, 3.0)})
+class DAdaptSGD(GlobalStepOptimizer):
+    """D-Adaptation SGD (Defazio & Mishchenko 2023, "Learning-Rate-Free Learning by D-Adaptation",
+    arXiv 2301.07733), as the authors' package ``dadaptation`` 3.2 (``DAdaptSGD``): dual averaging with
+    momentum written as an average of the dual-averaging iterate z.
+
+    g0 = ||g_0|| (taken once, at the first step), dlr = d lr / g0, and per step over all tensors
+    (g includes L2 weight decay, g <- g + wd p):
+
+        N += dlr <g, s>;   s += dlr g;   d_hat = 2 N / ||s||;   d = max(d, min(d_hat, d growth_rate))
+        z = x0 - s;   p <- (1 - ck) p + ck z   with ck = 1 - momentum
+
+    ``lr`` multiplies the adapted step (leave it at 1). Defaults: lr 1, momentum 0, weight_decay 0,
+    d0 1e-6, growth_rate inf. State: s and x0 (2 words); d, k, N and g0_norm live in every param group.
+
+    Differences from the package: z is not stored (it is x0 - s, recomputed: 2 words instead of 3);
+    momentum, weight_decay, d0 and growth_rate must agree across groups (the package reads group 0);
+    p.grad is never modified; single process only. A first step whose gradients are all zero changes
+    nothing and is not counted (the package divides by ||g_0|| = 0 there and raises ZeroDivisionError).
+    As in the package, ||g_0|| leaves weight decay out (the package's ``grad.add`` there is not in place).
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "weight_decay": checks.nonnegative,
+                   "d0": checks.positive, "growth_rate": growth_rate_check}
+    shared_options = ("momentum", "weight_decay", "d0", "growth_rate")
+
+    def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, d0=1e-6, growth_rate=math.inf, *,
+                 maximize=False, **engine):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
+                        maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"s": self.zeros_state(p), "x0": self.copy_state(p)}
+
+    def global_step(self, work):
+        g0 = self.param_groups[0]
+        lr = self.shared_lr()
+        decay, momentum, growth_rate = g0["weight_decay"], g0["momentum"], g0["growth_rate"]
+        ck = 1 - momentum
+        k, d, nw = g0.get("k", 0), g0.get("d", g0["d0"]), g0.get("numerator_weighted", 0.0)
+        buckets = self.buckets(work)
+        if k == 0:
+            g0_norm = math.sqrt(sum(total(sq_norms(b.g)) for b in buckets if self.lr(b.group) > 0))
+            if g0_norm == 0:
+                return
+        else:
+            g0_norm = g0["g0_norm"]
+        dlr = d * lr / g0_norm
+        sk_sq = 0.0
+        for b in buckets:
+            b.g = mt.add(b.g, b.p, alpha=decay) if decay != 0 else b.g
+            if self.lr(b.group) > 0:
+                s = b.s["s"]
+                nw += dlr * total(mt.dots(b.g, s))
+                mt.add_(s, b.g, dlr)
+                sk_sq += total(sq_norms(s))
+        if lr > 0:
+            d_hat = 2 * nw / math.sqrt(sk_sq) if sk_sq > 0 else d
+            d = max(d, min(d_hat, d * growth_rate))
+        if sk_sq == 0:
+            for b in buckets:
+                b.write_back()
+            return
+        for group in self.param_groups:
+            group.update(numerator_weighted=nw, d=d, g0_norm=g0_norm, k=k + 1)
+        for b in buckets:
+            z = mt.sub(b.s["x0"], b.s["s"])
+            mt.mul_(b.p, 1 - ck)
+            mt.add_(b.p, z, ck)
+            b.write_back()
+        self.count_step(buckets)

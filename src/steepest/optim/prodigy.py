@@ -1,0 +1,135 @@
+"""Prodigy: Adam with a D-Adaptation step size that grows faster (Mishchenko & Defazio 2023)."""
+
+from __future__ import annotations
+
+import math
+
+from ..core import checks
+from ..core import multitensor as mt
+from ..core.registry import register
+from .dadapt import GlobalStepOptimizer, growth_rate_check, l1_norms, total
+
+_SKIP = {
+    "compile": "the step reduces over all tensors to host scalars (the D estimate) between two passes: it runs "
+               "the eager for-each path only",
+    "param_groups": "D is estimated jointly over all param groups, so one optimizer over two groups is not two "
+                    "optimizers; groups share one lr (or 0), as in the authors' code",
+}
+
+
+def _beta3_check(name, value):
+    if value is not None:
+        checks.unit(name, value)
+
+
+_beta3_check.bad_example = 1.5
+
+
+@register("prodigy", family="parameter-free",
+          paper="Mishchenko & Defazio 2023, Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+          arxiv="2306.06101", reference="prodigyopt 1.1.2 (Prodigy)", state_words=4,
+          example_kwargs={"lr": 1.0, "weight_decay": 1e-2}, conformance_skip=_SKIP,
+          search_space={"lr": ("log", 0.3, 3.0), "weight_decay": ("log", 1e-4, 0.1)})
+class Prodigy(GlobalStepOptimizer):
+    """Prodigy (Mishchenko & Defazio 2023, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+    arXiv 2306.06101), as the authors' package ``prodigyopt`` 1.1.2.
+
+    With dlr = d lr bc (bc = sqrt(1-b2^(k+1))/(1-b1^(k+1)) if ``use_bias_correction``, else 1),
+    b3 = sqrt(b2) unless given, and per step k over all tensors (g includes L2 decay if not ``decouple``):
+
+        r  = b3 r + (d/d0) dlr <g, p0 - p>
+        m  = b1 m + d (1-b1) g;   v = b2 v + d^2 (1-b2) g^2
+        s  = b3 s + (d/d0) c g,   c = d (``safeguard_warmup``) or dlr
+        d_hat = d_coef r / sum ||s||_1;   d_max = max(d_max, d_hat);   d = min(d_max, d growth_rate)
+                (at the first growth, while d = d0: d = max(d, d_hat) first)
+        p <- p (1 - wd dlr) [decouple];   p <- p - dlr m / (sqrt(v) + d eps)   (b1 = 0: d g in place of m)
+
+    ``lr`` multiplies the adapted step (leave it at 1). Defaults (the package's): lr 1,
+    betas (0.9, 0.999), beta3 None, eps 1e-8, weight_decay 0, decouple True, use_bias_correction False,
+    safeguard_warmup False, d0 1e-6, d_coef 1, growth_rate inf. State: s, p0, exp_avg, exp_avg_sq
+    (4 words; 3 with b1 = 0); d, d_max, d_hat, d_numerator, d_denom and k live in every param group
+    (``group["d"]`` is the current D estimate).
+
+    Differences from the package: no ``slice_p`` (statistics over every entry, the package's default);
+    p0 is always a full copy (the package stores a scalar 0 for an all-zero tensor: the same numbers);
+    betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
+    (the package reads group 0); p.grad is never modified; single process (no FSDP all-reduce). If
+    sum ||s||_1 is zero the moments are updated and nothing else, as in the package.
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "beta3": _beta3_check,
+                   "eps": checks.positive, "weight_decay": checks.nonnegative, "decouple": checks.boolean,
+                   "use_bias_correction": checks.boolean, "safeguard_warmup": checks.boolean,
+                   "d0": checks.positive, "d_coef": checks.positive, "growth_rate": growth_rate_check}
+    shared_options = ("betas", "beta3", "decouple", "use_bias_correction", "d0", "d_coef", "growth_rate")
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
+                 use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf, *,
+                 maximize=False, **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, beta3=beta3, eps=eps,
+                        weight_decay=weight_decay, decouple=decouple, use_bias_correction=use_bias_correction,
+                        safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+                        maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        state = {"s": self.zeros_state(p), "p0": self.copy_state(p)}
+        if group["betas"][0] > 0:
+            state["exp_avg"] = self.zeros_state(p)
+        state["exp_avg_sq"] = self.zeros_state(p)
+        return state
+
+    def global_step(self, work):
+        g0 = self.param_groups[0]
+        lr = self.shared_lr()
+        beta1, beta2 = g0["betas"]
+        beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
+        d0, d_coef, growth_rate, decouple = g0["d0"], g0["d_coef"], g0["growth_rate"], g0["decouple"]
+        k, d, d_max = g0.get("k", 0), g0.get("d", d0), g0.get("d_max", d0)
+        bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1.0
+        dlr = d * lr * bc
+        d_numerator = g0.get("d_numerator", 0.0) * beta3
+        buckets = self.buckets(work)
+        delta, d_denom = 0.0, 0.0
+        for b in buckets:
+            decay = b.group["weight_decay"]
+            if decay != 0 and not decouple:
+                b.g = mt.add(b.g, b.p, alpha=decay)
+            if self.lr(b.group) == 0:
+                continue
+            s, v = b.s["s"], b.s["exp_avg_sq"]
+            delta += (d / d0) * dlr * total(mt.dots(b.g, mt.sub(b.s["p0"], b.p)))
+            if beta1 > 0:
+                mt.mul_(b.s["exp_avg"], beta1)
+                mt.add_(b.s["exp_avg"], b.g, d * (1 - beta1))
+            mt.mul_(v, beta2)
+            mt.addcmul_(v, b.g, b.g, d * d * (1 - beta2))
+            mt.mul_(s, beta3)
+            mt.add_(s, b.g, (d / d0) * d if b.group["safeguard_warmup"] else (d / d0) * dlr)
+            d_denom += total(l1_norms(s))
+        if d_denom == 0:
+            for b in buckets:
+                b.write_back()
+            return
+        d_hat = d
+        if lr > 0:
+            d_numerator = d_numerator + delta
+            d_hat = d_coef * d_numerator / d_denom
+            if d == d0:
+                d = max(d, d_hat)
+            d_max = max(d_max, d_hat)
+            d = min(d_max, d * growth_rate)
+        for group in self.param_groups:
+            group.update(d_numerator=d_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat, k=k + 1)
+        for b in buckets:
+            decay, eps = b.group["weight_decay"], b.group["eps"]
+            denom = mt.sqrt(b.s["exp_avg_sq"])
+            mt.add_scalar_(denom, d * eps)
+            if decay != 0 and decouple:
+                mt.add_(b.p, b.p, -decay * dlr)
+            if beta1 > 0:
+                mt.addcdiv_(b.p, b.s["exp_avg"], denom, -dlr)
+            else:
+                mt.addcdiv_(b.p, b.g, denom, -dlr * d)
+            b.write_back()
+        self.count_step(buckets)

@@ -1,0 +1,136 @@
+"""DoG / LDoG: float64 trajectories equal a NumPy transcription of the paper's algorithm and the authors'
+code (carmonlab/dog 1.0.2: rbar_0 = reps_rel (1 + ||x_0||), G_0 = ||g_0||^2 + eps); behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steepest.optim.dog import DoG, LDoG
+
+SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+STEPS = 30
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+
+
+def scale(i, shape):
+    return np.linspace(0.5, 2.0 + i, int(np.prod(shape))).reshape(shape)
+
+
+def set_grads(params, t):
+    for i, p in enumerate(params):
+        s = torch.from_numpy(scale(i, tuple(p.shape)))
+        p.grad = (2 * s * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
+
+
+def numpy_grads(xs, t):
+    return [2 * scale(i, x.shape) * (x - 0.3) + 0.3 * np.cos(3 * x + 0.1 * t) for i, x in enumerate(xs)]
+
+
+def dog_numpy(xs, steps, blocks, lr=1.0, reps_rel=1e-6, weight_decay=0.0, eps=1e-8, init_eta=None):
+    """The DoG recursion over blocks of tensors (one block per group for DoG, per tensor for LDoG).
+
+    eta_t = lr rbar_t / sqrt(G_t), rbar_t = max(reps_rel (1 + ||x_0||), max_{i<=t} ||x_i - x_0||),
+    G_t = eps + sum_{i<=t} ||g_i||^2, x_{t+1} = x_t - eta_t g_t, with g = grad + weight_decay x.
+    """
+    xs = [x.copy() for x in xs]
+    x0 = [x.copy() for x in xs]
+    if init_eta is not None:
+        reps_rel = 0.0
+    rbar, G = {}, {}
+    out = []
+    for t in range(steps):
+        gs = [g + weight_decay * x for g, x in zip(numpy_grads(xs, t), xs)]
+        for bi, block in enumerate(blocks):
+            g_sq = sum(float(np.sum(gs[i] ** 2)) for i in block)
+            if t == 0:
+                rbar[bi] = reps_rel * (1 + np.sqrt(sum(float(np.sum(x0[i] ** 2)) for i in block)))
+                G[bi] = g_sq + eps
+            else:
+                dist = np.sqrt(sum(float(np.sum((xs[i] - x0[i]) ** 2)) for i in block))
+                rbar[bi] = max(rbar[bi], dist)
+                G[bi] += g_sq
+            eta = lr * rbar[bi] / np.sqrt(G[bi])
+            if t == 0 and init_eta is not None:
+                eta = init_eta
+            for i in block:
+                xs[i] = xs[i] - eta * gs[i]
+        out.append([x.copy() for x in xs])
+    return out
+
+
+CASES = [
+    dict(),
+    dict(lr=0.5),
+    dict(weight_decay=0.1),
+    dict(init_eta=1e-3),
+    dict(reps_rel=1e-4, eps=1e-4),
+]
+
+
+def _id(k):
+    return ",".join(f"{a}={v}" for a, v in k.items()) or "default"
+
+
+def _compare(opt, params, expected):
+    for t, exp in enumerate(expected):
+        set_grads(params, t)
+        opt.step()
+        for p, e in zip(params, exp):
+            np.testing.assert_allclose(p.detach().numpy(), e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=_id)
+def test_dog_matches_numpy_transcription(kwargs):
+    params = make_params()
+    expected = dog_numpy([p.detach().numpy() for p in params], STEPS, [list(range(len(SHAPES)))], **kwargs)
+    _compare(DoG(params, **kwargs), params, expected)
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=_id)
+def test_ldog_matches_numpy_transcription(kwargs):
+    params = make_params()
+    expected = dog_numpy([p.detach().numpy() for p in params], STEPS, [[i] for i in range(len(SHAPES))], **kwargs)
+    _compare(LDoG(params, **kwargs), params, expected)
+
+
+def test_dog_groups_are_separate_blocks():
+    params = make_params()
+    expected = dog_numpy([p.detach().numpy() for p in params], STEPS, [[0, 1], [2, 3]])
+    _compare(DoG([{"params": params[:2]}, {"params": params[2:]}]), params, expected)
+
+
+def test_dog_first_step_size_and_growth():
+    params = make_params()
+    opt = DoG(params)
+    set_grads(params, 0)
+    x0_norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in params)).item()
+    g_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
+    opt.step()
+    assert opt.param_groups[0]["eta"] == pytest.approx(1e-6 * (1 + x0_norm) / np.sqrt(g_norm**2 + 1e-8), rel=1e-12)
+    for t in range(1, 40):
+        set_grads(params, t)
+        opt.step()
+    assert opt.param_groups[0]["rbar"] > 1e3 * 1e-6 * (1 + x0_norm), "the distance estimate should grow quickly"
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_trains_mlp_with_no_lr_tuning(cls):
+    """Defaults only (the paper: no learning rate to tune): a small MLP fits a teacher's labels."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 16, generator=g)
+    y = (torch.tanh(X @ torch.randn(16, 32, generator=g)) @ torch.randn(32, 4, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    opt = cls(model.parameters())
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, loss.item()

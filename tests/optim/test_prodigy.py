@@ -1,0 +1,118 @@
+"""Prodigy: float64 trajectories equal the authors' package (prodigyopt 1.1.2); behaviour with no lr tuning."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+prodigyopt = pytest.importorskip("prodigyopt")
+
+from steepest.optim.prodigy import Prodigy  # noqa: E402
+
+SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+STEPS = 30
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+
+
+def set_grads(params, t):
+    """A smooth non-quadratic loss whose gradient changes with the step (deterministic)."""
+    for i, p in enumerate(params):
+        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
+        p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
+
+
+def package(params, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+        return prodigyopt.Prodigy(params, **kwargs)
+
+
+CASES = [
+    dict(),
+    dict(use_bias_correction=True),
+    dict(safeguard_warmup=True),
+    dict(d_coef=0.5),
+    dict(d_coef=2.0, growth_rate=1.05),
+    dict(weight_decay=0.1),  # decoupled (the package's default)
+    dict(weight_decay=0.1, decouple=False),
+    dict(betas=(0.0, 0.99)),
+    dict(betas=(0.95, 0.99), beta3=0.9, eps=1e-6, d0=1e-4),
+    dict(use_bias_correction=True, safeguard_warmup=True, weight_decay=0.05, decouple=False, lr=2.0),
+]
+
+
+def run_pair(kwargs, groups=None, steps=STEPS):
+    a, b = make_params(), make_params()
+    pa, pb = (groups(a), groups(b)) if groups else (a, b)
+    ours, theirs = Prodigy(pa, **kwargs), package(pb, **kwargs)
+    ds = []
+    for t in range(steps):
+        set_grads(a, t)
+        set_grads(b, t)
+        ours.step()
+        theirs.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-10, atol=1e-12)
+        for key in ("d", "d_max", "d_numerator", "k"):
+            assert ours.param_groups[0][key] == pytest.approx(float(theirs.param_groups[0][key]), rel=1e-9)
+        ds.append(ours.param_groups[0]["d"])
+    return ds
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()) or "default")
+def test_matches_package(kwargs):
+    ds = run_pair(kwargs)
+    assert ds[-1] > 10 * kwargs.get("d0", 1e-6), "the D estimate should have grown"
+
+
+def test_two_groups_with_their_own_eps_and_decay_match_package():
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "eps": 1e-4, "weight_decay": 0.2, "safeguard_warmup": True}]
+
+    run_pair(dict(weight_decay=0.01), groups=groups)
+
+
+def test_groups_with_different_lr_raise_before_any_change():
+    a = make_params()
+    opt = Prodigy([{"params": a[:2]}, {"params": a[2:], "lr": 0.5}])
+    set_grads(a, 0)
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, before)) and not opt.state
+
+
+def test_maximize_and_complex_follow_the_real_trajectory():
+    z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    oz, orr = Prodigy([z], maximize=True), package([r])
+    for t in range(10):
+        g = torch.cos(r.detach() * (t + 1))
+        r.grad = g.clone()
+        z.grad = -torch.view_as_complex(g.clone())
+        oz.step()
+        orr.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_trains_mlp_with_no_lr_tuning():
+    """Defaults only: a small MLP fits a teacher network's labels (paper: Adam-level results with no lr)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 16, generator=g)
+    y = (torch.tanh(X @ torch.randn(16, 32, generator=g)) @ torch.randn(32, 4, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    opt = Prodigy(model.parameters())
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+    assert opt.param_groups[0]["d"] > 1e-3
