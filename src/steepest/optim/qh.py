@@ -1,0 +1,144 @@
+"""Quasi-hyperbolic momentum: QHM and QHAdam."""
+
+from __future__ import annotations
+
+from ..core import checks
+from ..core import multitensor as mt
+from ..core.base import Optimizer
+from ..core.registry import register
+
+
+def _nus(name, value):
+    """A pair of immediate-discount factors, each in [0, 1]."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a tuple of 2 numbers, each in [0, 1], got {value!r}")
+    for i, nu in enumerate(value):
+        checks.probability(f"{name}[{i}]", nu)
+
+
+_nus.bad_example = (1.5, 1.0)
+
+_PAPER = "Ma & Yarats 2019, Quasi-hyperbolic momentum and Adam for deep learning"
+
+
+def qhm_update(params, grads, momentum_buffer, *, lr, momentum, nu, wd, wd_type="grad"):
+    """b <- beta b + (1-beta) g;  p <- p - lr [(1-nu) g + nu b]  (weight decay as qhoptim applies it)."""
+    if wd_type == "grad":
+        grads = mt.add(grads, params, alpha=wd)
+    elif wd_type == "direct":
+        mt.mul_(params, 1.0 - lr * wd)
+    mt.mul_(momentum_buffer, momentum)
+    mt.add_(momentum_buffer, grads, 1.0 - momentum)
+    mt.add_(params, momentum_buffer, -lr * nu)
+    mt.add_(params, grads, -lr * (1.0 - nu))
+
+
+@register("qhm", family="first-order", paper=_PAPER, arxiv="1810.06801",
+          reference="qhoptim.pyt.QHM (facebookresearch/qhoptim)", state_words=1,
+          example_kwargs={"lr": 0.5, "momentum": 0.9, "nu": 0.7},
+          search_space={"lr": ("log", 1e-2, 10.0), "one_minus_momentum": ("log", 1e-3, 0.5),
+                        "weight_decay": ("log", 1e-7, 1e-2)})
+class QHM(Optimizer):
+    """QHM: quasi-hyperbolic momentum (Ma & Yarats 2019, "Quasi-hyperbolic momentum and Adam for deep
+    learning", ICLR 2019, arXiv 1810.06801).
+
+        g_t = beta g_{t-1} + (1 - beta) grad_t   (g_0 = 0, dampened momentum)
+        p <- p - lr [(1 - nu) grad_t + nu g_t]
+
+    nu = 0 is plain SGD, nu = 1 is (dampened) momentum SGD; nu = beta with lr/(1-beta) is Nesterov.
+    Because the momentum is dampened, momentum SGD with lr a corresponds to QHM with lr a/(1-beta).
+    Weight decay as in the authors' qhoptim: ``weight_decay_type="grad"`` (default) adds wd p to the
+    gradient (L2, as torch.optim.SGD); ``"direct"`` multiplies p by 1 - lr wd before the update.
+    Defaults: lr 1e-3, momentum 0.999 and nu 0.7 (the paper's recommended pair; qhoptim has no defaults
+    for these). State: momentum_buffer (1 word). Matches qhoptim.pyt.QHM step for step.
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "nu": checks.probability,
+                   "weight_decay": checks.nonnegative, "weight_decay_type": checks.choice("grad", "direct")}
+    weight_decay_mode = "custom"
+    update = staticmethod(qhm_update)
+
+    def __init__(self, params, lr=1e-3, momentum=0.999, nu=0.7, weight_decay=0.0, weight_decay_type="grad", *,
+                 maximize=False, **engine):
+        defaults = dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
+                        weight_decay_type=weight_decay_type, maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"momentum_buffer": self.zeros_state(p)}
+
+    def scalars(self, group, step):
+        return dict(lr=self.lr(group), momentum=group["momentum"], nu=group["nu"], wd=group["weight_decay"])
+
+    def static_options(self, group):
+        return {"wd_type": group["weight_decay_type"] if group["weight_decay"] != 0 else "none"}
+
+
+def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, eps, wd, wd_type="none"):
+    """Bias-corrected EMAs m, v (weights w = (1-beta)/(1-beta^t)), then
+    p <- p - lr [nu1 m + (1-nu1) g] / (sqrt(nu2 v + (1-nu2) g^2) + eps)."""
+    if wd_type == "decoupled":
+        mt.mul_(params, 1.0 - lr * wd)
+    elif wd_type == "l2":
+        grads = mt.add(grads, params, alpha=wd)
+    grads_sq = mt.mul(grads, grads)
+    mt.mul_(exp_avg, 1.0 - w1)
+    mt.add_(exp_avg, grads, w1)
+    mt.mul_(exp_avg_sq, 1.0 - w2)
+    mt.add_(exp_avg_sq, grads_sq, w2)
+    avg_grad = mt.mul(exp_avg, nu1)
+    mt.add_(avg_grad, grads, 1.0 - nu1)
+    avg_rms = mt.mul(exp_avg_sq, nu2)
+    mt.add_(avg_rms, grads_sq, 1.0 - nu2)
+    denom = mt.sqrt(avg_rms)
+    mt.add_scalar_(denom, eps)
+    mt.addcdiv_(params, avg_grad, denom, -lr)
+
+
+@register("qhadam", family="first-order", paper=_PAPER, arxiv="1810.06801",
+          reference="qhoptim.pyt.QHAdam (facebookresearch/qhoptim)", state_words=2,
+          example_kwargs={"lr": 1e-2, "nus": (0.7, 1.0)},
+          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+                        "weight_decay": ("log", 5e-3, 1.0)})
+class QHAdam(Optimizer):
+    """QHAdam: quasi-hyperbolic Adam (Ma & Yarats 2019, ICLR 2019, arXiv 1810.06801).
+
+        m_t = bias-corrected EMA of g (beta1),  v_t = bias-corrected EMA of g^2 (beta2)
+        p <- p - lr [(1 - nu1) g_t + nu1 m_t] / (sqrt((1 - nu2) g_t^2 + nu2 v_t) + eps)
+
+    As in the authors' qhoptim, the stored moments are already bias-corrected (updated with weight
+    (1-beta)/(1-beta^t), which equals Adam's m_t/(1-beta^t)), and eps is added after the square root of
+    the mixed second moment, outside any bias correction. nus = (1, 1) is Adam with eps outside the
+    corrected root (torch.optim.Adam's placement); QHAdam.from_nadam in qhoptim gives an NAdam-like pair.
+    Weight decay: L2 (g <- g + wd p, also in g^2) by default as qhoptim; ``decoupled_weight_decay=True``
+    multiplies p by 1 - lr wd first (qhoptim's ``decouple_weight_decay``, QHAdamW). Defaults: lr 1e-3,
+    betas (0.9, 0.999), nus (1.0, 1.0) (qhoptim's; the paper suggests nus (0.7, 1.0) with betas
+    (0.995, 0.999)), eps 1e-8. State: exp_avg, exp_avg_sq (2 words). Matches qhoptim.pyt.QHAdam.
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "nus": _nus,
+                   "eps": checks.nonnegative, "weight_decay": checks.nonnegative,
+                   "decoupled_weight_decay": checks.boolean}
+    weight_decay_mode = "custom"
+    update = staticmethod(qhadam_update)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, maximize=False, **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        nus=tuple(nus) if isinstance(nus, list) else nus, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+
+    def scalars(self, group, step):
+        beta1, beta2 = group["betas"]
+        nu1, nu2 = group["nus"]
+        return dict(lr=self.lr(group), w1=(1.0 - beta1) / (1.0 - beta1**step), w2=(1.0 - beta2) / (1.0 - beta2**step),
+                    nu1=nu1, nu2=nu2, eps=group["eps"], wd=group["weight_decay"])
+
+    def static_options(self, group):
+        if group["weight_decay"] == 0:
+            return {"wd_type": "none"}
+        return {"wd_type": "decoupled" if group["decoupled_weight_decay"] else "l2"}

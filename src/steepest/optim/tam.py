@@ -1,0 +1,150 @@
+"""Torque-Aware Momentum: TAM (SGD-style) and AdaTAM / AdaTAMW (Adam-style)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import checks
+from ..core import multitensor as mt
+from ..core.base import Optimizer
+from ..core.registry import register
+
+
+def _cosines(xs, ys):
+    """cos(x, y) of each pair of tensors, over the whole tensor; 0 where either is the zero tensor."""
+    out = []
+    for dot, nx, ny in zip(mt.dots(xs, ys), mt.norms(xs), mt.norms(ys)):
+        prod = nx * ny
+        nonzero = prod > 0
+        safe = torch.where(nonzero, prod, torch.ones_like(prod))
+        out.append(torch.where(nonzero, dot / safe, torch.zeros_like(prod)))
+    return out
+
+
+def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
+    """s <- decay s + (1-decay) cos(m, g);  m <- momentum m + ((1 + s)/2 + eps) g  (one s per tensor)."""
+    cos = _cosines(momentum_buffer, grads)
+    mt.mul_(momentum_buffer, momentum)
+    for m, g, si, c in zip(momentum_buffer, grads, s, cos):
+        si.mul_(decay).add_(c * (1.0 - decay))
+        m.add_(g * ((1.0 + si) * 0.5 + eps))
+
+
+def tam_update(params, grads, momentum_buffer, s, *, lr, momentum, decay, eps):
+    """TAM: the damped momentum above, then p <- p - lr m."""
+    _damped_momentum_(momentum_buffer, grads, s, momentum=momentum, decay=decay, eps=eps)
+    mt.add_(params, momentum_buffer, -lr)
+
+
+def adatam_update(params, grads, exp_avg, exp_avg_sq, s, *, lr, beta1, beta2, decay, eps):
+    """AdaTAM: damped first moment, v <- b2 v + (1-b2) g^2, p <- p - lr m / (sqrt(v) + eps)."""
+    _damped_momentum_(exp_avg, grads, s, momentum=beta1, decay=decay, eps=eps)
+    mt.mul_(exp_avg_sq, beta2)
+    mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
+    denom = mt.sqrt(exp_avg_sq)
+    mt.add_scalar_(denom, eps)
+    mt.addcdiv_(params, exp_avg, denom, -lr)
+
+
+_PAPER = "Malviya et al. 2024, Torque-Aware Momentum"
+
+
+@register("tam", family="first-order", paper=_PAPER, arxiv="2412.18790",
+          reference="paper equations (NumPy transcription in tests/optim/test_tam.py)", state_words=1,
+          status="experimental", example_kwargs={"lr": 0.05, "momentum": 0.9},
+          search_space={"lr": ("log", 1e-2, 5.0), "one_minus_momentum": ("log", 1e-3, 0.5),
+                        "weight_decay": ("log", 1e-7, 1e-2)})
+class TAM(Optimizer):
+    """TAM: Torque-Aware Momentum (Malviya et al. 2024, "Torque-Aware Momentum", arXiv 2412.18790).
+
+    The gradient's contribution to the momentum is damped by how well it aligns with the momentum:
+
+        S_t = cos(m_{t-1}, g_t);   s_t = decay s_{t-1} + (1 - decay) S_t;   d_t = (1 + s_t) / 2
+        m_t = momentum m_{t-1} + (d_t + eps) g_t;   p <- p - lr m_t
+
+    with m_0 = 0 and s_0 = 0; cos(0, g) is taken as 0 (so d_1 = 1/2). The cosine is per parameter tensor
+    (the paper writes it over "the" parameter vector; per-tensor is how layer-wise optimizers apply it),
+    so the update is not elementwise. Weight decay is L2 (g <- g + wd p), as torch.optim.SGD.
+    Defaults: lr 1e-3, momentum 0.9, decay 0.9, eps 1e-8. State: momentum_buffer (1 word) and s (one
+    scalar per tensor).
+
+    Note the momentum is undamped (no 1 - momentum factor) and the gradient enters with a weight in
+    [eps, 1 + eps]: the paper's learning-rate transfer from SGD-momentum scales lr by about 1/E[d_t].
+    Marked experimental: the equations are transcribed from secondary statements of the paper (its
+    algorithm box could not be read here); pytorch_optimizer's port differs in starting m_0 = g_1 (so
+    S_1 = 1) and in taking the cosine row-wise (normalize along dim 0) rather than per tensor.
+    """
+
+    hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "decay": checks.unit,
+                   "eps": checks.nonnegative, "weight_decay": checks.nonnegative}
+    weight_decay_mode = "l2"
+    elementwise = False
+    update = staticmethod(tam_update)
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, decay=0.9, eps=1e-8, weight_decay=0.0, *, maximize=False,
+                 **engine):
+        defaults = dict(lr=lr, momentum=momentum, decay=decay, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **engine)
+
+    def _scalar_state(self, p):
+        # Shape (1,), not 0-dim: torch.compile(dynamic=True) drops in-place writes to 0-dim tensor inputs.
+        return torch.zeros(1, dtype=self.state_dtype_for(p), device=p.device)
+
+    def init_state(self, p, group):
+        return {"momentum_buffer": self.zeros_state(p), "s": self._scalar_state(p)}
+
+    def scalars(self, group, step):
+        return dict(lr=self.lr(group), momentum=group["momentum"], decay=group["decay"], eps=group["eps"])
+
+
+class _AdaTAMBase(TAM):
+    hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "decay": checks.unit,
+                   "eps": checks.positive, "weight_decay": checks.nonnegative}
+    update = staticmethod(adatam_update)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), decay=0.9, eps=1e-8, weight_decay=0.0, *,
+                 maximize=False, **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, decay=decay, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
+        Optimizer.__init__(self, params, defaults, **engine)
+
+    def init_state(self, p, group):
+        return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p), "s": self._scalar_state(p)}
+
+    def scalars(self, group, step):
+        beta1, beta2 = group["betas"]
+        return dict(lr=self.lr(group), beta1=beta1, beta2=beta2, decay=group["decay"], eps=group["eps"])
+
+
+_ADATAM_DOC = """
+
+    m_t = b1 m_{t-1} + (d_t + eps) g_t  (d_t as in :class:`TAM`, from cos(m_{t-1}, g_t) per tensor)
+    v_t = b2 v_{t-1} + (1 - b2) g_t^2;   p <- p - lr m_t / (sqrt(v_t) + eps)
+
+    One eps serves as the damping floor and the denominator term. There is no bias correction and no
+    1 - b1 factor on the first moment; this follows the only public transcription we could read
+    (pytorch_optimizer's AdaTAM), as the paper's algorithm box could not be checked here, which is
+    why the method is marked experimental. Defaults: lr 1e-3, betas (0.9, 0.999), decay 0.9, eps 1e-8.
+    State: exp_avg, exp_avg_sq (2 words) and s (one scalar per tensor).
+"""
+
+
+@register("adatam", family="first-order", paper=_PAPER, arxiv="2412.18790",
+          reference="paper equations as transcribed by pytorch_optimizer (NumPy transcription in tests)",
+          state_words=2, status="experimental", example_kwargs={"lr": 1e-2},
+          search_space={"lr": ("log", 1e-5, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1)})
+class AdaTAM(_AdaTAMBase):
+    __doc__ = ("AdaTAM: Adam-style Torque-Aware Momentum (Malviya et al. 2024, arXiv 2412.18790), L2 weight "
+               "decay (g <- g + wd p)." + _ADATAM_DOC)
+    weight_decay_mode = "l2"
+
+
+@register("adatamw", family="first-order", paper=_PAPER, arxiv="2412.18790",
+          reference="paper equations as transcribed by pytorch_optimizer (NumPy transcription in tests)",
+          state_words=2, status="experimental", example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
+          search_space={"lr": ("log", 1e-5, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+                        "weight_decay": ("log", 5e-3, 1.0)})
+class AdaTAMW(_AdaTAMBase):
+    __doc__ = ("AdaTAMW: AdaTAM (Malviya et al. 2024, arXiv 2412.18790) with decoupled weight decay "
+               "(p <- p (1 - lr wd) before the update, as AdamW)." + _ADATAM_DOC)
+    weight_decay_mode = "decoupled"

@@ -1,0 +1,154 @@
+"""TAM, AdaTAM and AdaTAMW against float64 NumPy transcriptions of the Torque-Aware Momentum equations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import steepest
+
+SHAPES = [(5, 4), (7,), (3, 2, 2)]
+STEPS = 30
+
+
+def make_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s) for s in SHAPES]
+
+
+def grad_fn(i, x, t):
+    """A smooth loss's gradient plus a step-dependent disturbance, so that alignment changes sign."""
+    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
+    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.8 * np.sin(1.3 * t + np.arange(x.size).reshape(x.shape))
+
+
+def run_torch(make_opt, arrays, steps=STEPS):
+    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
+    opt = make_opt(params)
+    for t in range(1, steps + 1):
+        for i, p in enumerate(params):
+            p.grad = torch.from_numpy(grad_fn(i, p.detach().numpy(), t))
+        opt.step()
+    return [p.detach().numpy() for p in params], opt, params
+
+
+def cosine(a, b):
+    """cos(a, b) over the whole tensor; 0 when either is zero (m_0 = 0 at the first step)."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return 0.0 if na * nb == 0 else float(np.sum(a * b) / (na * nb))
+
+
+def numpy_tam(arrays, steps=STEPS, lr=1e-3, momentum=0.9, decay=0.9, eps=1e-8, weight_decay=0.0):
+    """TAM (arXiv 2412.18790): s_t = g s + (1-g) cos(m_{t-1}, g_t); m_t = b m + ((1+s)/2 + eps) g_t."""
+    xs = [a.copy() for a in arrays]
+    m = [np.zeros_like(a) for a in arrays]
+    s = [0.0 for _ in arrays]
+    for t in range(1, steps + 1):
+        for i, x in enumerate(xs):
+            g = grad_fn(i, x, t) + weight_decay * x
+            s[i] = decay * s[i] + (1 - decay) * cosine(m[i], g)
+            m[i] = momentum * m[i] + ((1 + s[i]) / 2 + eps) * g
+            x -= lr * m[i]
+    return xs, s
+
+
+def numpy_adatam(arrays, steps=STEPS, lr=1e-3, betas=(0.9, 0.999), decay=0.9, eps=1e-8, weight_decay=0.0,
+                 decoupled=False):
+    """AdaTAM: the damped first moment of TAM, Adam's second moment, p -= lr m / (sqrt(v) + eps)."""
+    b1, b2 = betas
+    xs = [a.copy() for a in arrays]
+    m = [np.zeros_like(a) for a in arrays]
+    v = [np.zeros_like(a) for a in arrays]
+    s = [0.0 for _ in arrays]
+    for t in range(1, steps + 1):
+        for i, x in enumerate(xs):
+            g = grad_fn(i, x, t)
+            if decoupled:
+                x *= 1 - lr * weight_decay
+            else:
+                g = g + weight_decay * x
+            s[i] = decay * s[i] + (1 - decay) * cosine(m[i], g)
+            m[i] = b1 * m[i] + ((1 + s[i]) / 2 + eps) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            x -= lr * m[i] / (np.sqrt(v[i]) + eps)
+    return xs, s
+
+
+def close(got, want, rtol=1e-10):
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,compile", [
+    (dict(lr=0.02), False),
+    (dict(lr=0.03, momentum=0.95, decay=0.5, eps=1e-3), False),
+    (dict(lr=0.02, momentum=0.8, decay=0.0, weight_decay=0.05), False),
+    (dict(lr=0.02, momentum=0.8, decay=0.7, weight_decay=0.05), True),
+])
+def test_tam_matches_numpy_transcription(kwargs, compile):
+    arrays = make_arrays()
+    got, opt, params = run_torch(lambda ps: steepest.TAM(ps, compile=compile, **kwargs), arrays)
+    want, s = numpy_tam(arrays, **kwargs)
+    close(got, want)
+    for p, si in zip(params, s):
+        assert opt.state[p]["s"].item() == pytest.approx(si, rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("cls,kwargs,compile", [
+    (steepest.AdaTAM, dict(lr=1e-3), False),
+    (steepest.AdaTAM, dict(lr=2e-3, betas=(0.8, 0.99), decay=0.6, eps=1e-4, weight_decay=0.1), False),
+    (steepest.AdaTAMW, dict(lr=2e-3, betas=(0.8, 0.99), decay=0.6, weight_decay=0.1), False),
+    (steepest.AdaTAMW, dict(lr=2e-3, betas=(0.8, 0.99), decay=0.6, weight_decay=0.1), True),
+])
+def test_adatam_matches_numpy_transcription(cls, kwargs, compile):
+    arrays = make_arrays(1)
+    got, opt, params = run_torch(lambda ps: cls(ps, compile=compile, **kwargs), arrays)
+    want, s = numpy_adatam(arrays, decoupled=cls is steepest.AdaTAMW, **kwargs)
+    close(got, want)
+    for p, si in zip(params, s):
+        assert opt.state[p]["s"].item() == pytest.approx(si, rel=1e-10, abs=1e-14)
+
+
+def test_cosine_is_per_tensor_not_per_row_or_element():
+    """A gradient that reverses one row of a matrix and keeps the rest: per-tensor alignment stays high."""
+    p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    opt = steepest.TAM([p], lr=0.0, momentum=0.9, decay=0.0)
+    g = torch.ones(4, 3, dtype=torch.float64)
+    p.grad = g.clone()
+    opt.step()  # m_1 = (1/2 + eps) g
+    g2 = g.clone()
+    g2[0] = -1.0
+    p.grad = g2
+    opt.step()
+    # decay = 0: s_2 = cos(m_1, g_2) = (12 - 2*3)/12 = 0.5 over the whole tensor.
+    assert opt.state[p]["s"].item() == pytest.approx(0.5, rel=1e-14)
+
+
+def test_misaligned_gradient_is_damped():
+    """A gradient opposite to the momentum enters with weight (1 + s)/2 + eps, near eps when s ~ -1."""
+    p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = steepest.TAM([p], lr=0.0, momentum=0.9, decay=0.0, eps=1e-8)
+    p.grad = torch.ones(5, dtype=torch.float64)
+    opt.step()
+    m1 = opt.state[p]["momentum_buffer"].clone()
+    p.grad = -torch.ones(5, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.9 * m1 - 1e-8, rtol=1e-12, atol=1e-15)
+
+
+def test_tam_and_adatam_minimise_a_noisy_quadratic():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-1, 0, 30, dtype=torch.float64)
+    for make in (lambda p: steepest.TAM([p], lr=0.2, momentum=0.9),
+                 lambda p: steepest.AdaTAMW([p], lr=2e-3, weight_decay=0.0)):
+        p = torch.nn.Parameter(torch.ones(30, dtype=torch.float64))
+        opt = make(p)
+        start = float(0.5 * (scales * p.detach() ** 2).sum())
+        for _ in range(400):
+            opt.zero_grad()
+            loss = 0.5 * (scales * p**2).sum()
+            loss.backward()
+            p.grad += 0.01 * torch.randn(30, generator=gen, dtype=torch.float64)
+            opt.step()
+        assert float(0.5 * (scales * p.detach() ** 2).sum()) < 1e-2 * start
