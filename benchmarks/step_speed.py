@@ -99,7 +99,8 @@ def main(argv=None):
     bw, rates = measure_bandwidth(args.numel)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
           f"in {args.tensors} tensors")
-    print("bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()) + f" -> floor uses {bw / 1e9:.1f}")
+    listed = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
+    print(f"bandwidth GB/s: {listed} -> floor uses {bw / 1e9:.1f}")
     chosen = [m for m in methods() if m.family in ("first-order", "parameter-free", "schedule-free")]
     if args.only:
         names = args.only.split(",")
