@@ -8,8 +8,8 @@ import torch
 
 from ..core import checks
 from ..core import multitensor as mt
+from ..core.global_step import GlobalStepOptimizer, sq_norms, total
 from ..core.registry import register
-from .dadapt import GlobalStepOptimizer, sq_norms, total
 
 
 def _init_eta_check(name, value):

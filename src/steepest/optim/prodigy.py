@@ -6,8 +6,8 @@ import math
 
 from ..core import checks
 from ..core import multitensor as mt
+from ..core.global_step import GlobalStepOptimizer, growth_rate_check, l1_norms, total
 from ..core.registry import register
-from .dadapt import GlobalStepOptimizer, growth_rate_check, l1_norms, total
 
 _SKIP = {
     "compile": "the step reduces over all tensors to host scalars (the D estimate) between two passes: it runs "
