@@ -6,7 +6,7 @@ import math
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.global_step import Bucket, GlobalStepOptimizer, growth_rate_check, l1_norms, sq_norms, total  # noqa: F401
+from ..core.global_step import GlobalStepOptimizer, growth_rate_check, l1_norms, sq_norms, total
 from ..core.registry import register
 
 _DADAPT_SKIP = {
