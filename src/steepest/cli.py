@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("--markdown", nargs="?", const="docs/methods.md", default=None, metavar="PATH",
                         help="write the table as Markdown (default docs/methods.md)")
     p_list.set_defaults(func=_cmd_list)
+    from .curvature.cli import add_curvature_parser
+
+    add_curvature_parser(sub)
     return parser
 
 
