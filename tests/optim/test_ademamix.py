@@ -11,29 +11,22 @@ import torch
 import steepest
 from steepest.optim.ademamix import half_life_warmup, linear_warmup
 
+from . import trajectory
+from .trajectory import grad_fn
+
 SHAPES = [(5, 4), (7,), (3, 2, 2)]
 STEPS = 30
 
 
 def make_arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in SHAPES]
-
-
-def grad_fn(i, x, t):
-    """A smooth loss's gradient plus a step-dependent disturbance, so that gradient signs change."""
-    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
-    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
+    return trajectory.make_arrays(SHAPES, seed)
 
 
 def run_torch(make_opt, arrays, steps=STEPS):
-    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
-    opt = make_opt(params)
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = torch.from_numpy(grad_fn(i, p.detach().numpy(), t))
-        opt.step()
-    return [p.detach().numpy() for p in params], opt
+    out, opt, _ = trajectory.run_torch_full(make_opt, arrays, steps)
+    return out, opt
+
+
 
 
 # --- the authors' schedulers and step, transcribed independently -------------------------------------

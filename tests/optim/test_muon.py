@@ -19,7 +19,20 @@ from steepest.optim.muon import (
     split_params,
 )
 
+from . import trajectory
+from .trajectory import grad_fn
+
 STEPS = 25
+
+
+def make_arrays(seed=0):
+    return trajectory.make_arrays(SHAPES, seed)
+
+
+def run_torch(make_opt, arrays, steps=STEPS):
+    return trajectory.run_torch(make_opt, arrays, steps)
+
+
 A, B, C = 3.4445, -4.7750, 2.0315
 
 
@@ -68,26 +81,6 @@ def authors_muon(arrays, use_muon, steps=STEPS, lr=0.02, momentum=0.95, nesterov
 
 
 SHAPES = [(5, 4), (7,), (4, 6), (3, 2, 2), (4, 2, 3, 3), (1,), (5, 4)]
-
-
-def make_arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in SHAPES]
-
-
-def grad_fn(i, x, t):
-    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
-    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
-
-
-def run_torch(make_opt, arrays, steps=STEPS):
-    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
-    opt = make_opt(params)
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = torch.from_numpy(grad_fn(i, p.detach().numpy(), t))
-        opt.step()
-    return [p.detach().numpy() for p in params]
 
 
 # ------------------------------------------------------------------------------------ Newton-Schulz

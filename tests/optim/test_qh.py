@@ -10,6 +10,9 @@ import torch
 
 import steepest
 
+from . import trajectory
+from .trajectory import grad_fn
+
 qhoptim = pytest.importorskip("qhoptim.pyt")
 
 SHAPES = [(5, 4), (7,), (3, 2, 2)]
@@ -17,14 +20,9 @@ STEPS = 25
 
 
 def make_arrays(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in SHAPES]
+    return trajectory.make_arrays(SHAPES, seed)
 
 
-def grad_fn(i, x, t):
-    """A smooth loss's gradient plus a step-dependent disturbance, so that gradient signs change."""
-    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
-    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
 
 
 def run_torch(make_opt, arrays, steps=STEPS):

@@ -1,0 +1,36 @@
+"""The small problem oracle trajectory tests share: fixed shapes, a gradient that is a smooth function of
+the point plus a step-dependent disturbance (so gradient signs change), and a float64 torch run of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def make_arrays(shapes, seed=0):
+    """Starting points, one float64 array per shape."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s) for s in shapes]
+
+
+def grad_fn(i, x, t):
+    """The gradient of tensor i at x on step t: a smooth loss's gradient plus a disturbance."""
+    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
+    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
+
+
+def run_torch_full(make_opt, arrays, steps, grad=grad_fn):
+    """Run an optimizer built by make_opt(params) for `steps` steps on float64 copies of arrays;
+    returns (final arrays, optimizer, params)."""
+    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
+    opt = make_opt(params)
+    for t in range(1, steps + 1):
+        for i, p in enumerate(params):
+            p.grad = torch.from_numpy(grad(i, p.detach().numpy(), t))
+        opt.step()
+    return [p.detach().numpy() for p in params], opt, params
+
+
+def run_torch(make_opt, arrays, steps, grad=grad_fn):
+    """The final arrays of :func:`run_torch_full`."""
+    return run_torch_full(make_opt, arrays, steps, grad)[0]
