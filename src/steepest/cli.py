@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("--markdown", nargs="?", const="docs/methods.md", default=None, metavar="PATH",
                         help="write the table as Markdown (default docs/methods.md)")
     p_list.set_defaults(func=_cmd_list)
+    from .bench.cli import add_bench_parser
     from .curvature.cli import add_curvature_parser
 
+    add_bench_parser(sub)
     add_curvature_parser(sub)
     return parser
 

@@ -40,6 +40,7 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
 _COMPILE_MIN_NUMEL = 1 << 20
 _FUSE_CHUNK = 8
+_EAGER_CHUNK_NUMEL = 1 << 18
 _compile_counter = 0
 
 
@@ -285,9 +286,31 @@ class Optimizer(torch.optim.Optimizer):
                 kernel = self._kernel(params[fused[0]], grads[fused[0]], states, options)
                 done = set(self._run_fused(kernel, params, grads, states, scalars, wd, fused, device))
                 todo = [i for i in todo if i not in done]
-        if todo:
-            _apply_update(type(self).update, [params[i] for i in todo], [grads[i] for i in todo],
-                          {k: [v[i] for i in todo] for k, v in states.items()}, scalars, wd, **options)
+        for chunk in self._eager_chunks(params, todo):
+            _apply_update(type(self).update, [params[i] for i in chunk], [grads[i] for i in chunk],
+                          {k: [v[i] for i in chunk] for k, v in states.items()}, scalars, wd, **options)
+
+    def _eager_chunks(self, params: list[Tensor], idx: list[int]) -> list[list[int]]:
+        """Split an eager bucket into runs of about _EAGER_CHUNK_NUMEL elements.
+
+        The update's temporaries (a square root, a direction) are then a few MB that the C allocator
+        reuses from chunk to chunk; one set of temporaries as large as the whole model is returned to the
+        OS after each step and page-faulted back in on the next, which can double the step time.
+        """
+        if not idx:
+            return []
+        if not self.per_tensor:
+            return [idx]
+        chunks, current, size = [], [], 0
+        for i in idx:
+            n = params[i].numel()
+            if current and size + n > _EAGER_CHUNK_NUMEL:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += n
+        chunks.append(current)
+        return chunks
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:

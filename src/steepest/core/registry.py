@@ -9,7 +9,7 @@ from typing import Any
 
 FAMILIES = ("first-order", "matrix", "curvature", "memory-lean", "zeroth-order", "parameter-free",
             "schedule-free", "wrapper")
-NEEDS = ("closure", "hvp", "matrix-params", "sampled-labels", "loss-value")
+NEEDS = ("closure", "hvp", "matrix-params", "sampled-labels", "loss-value", "model")
 STATUSES = ("done", "experimental")
 
 
@@ -25,7 +25,8 @@ class MethodInfo:
         arxiv: arXiv id, or "" for classical methods.
         reference: the authors' code or the oracle the tests check against.
         state_words: optimizer state per parameter, in parameter-sized words (Adam: 2).
-        needs: what a step needs beyond gradients (subset of NEEDS).
+        needs: what a step needs beyond gradients (subset of NEEDS); "model" means the constructor takes
+            the nn.Module itself (its layers are hooked), not a parameter list.
         status: "done" when it meets the definition of done, else "experimental".
         example_kwargs: hyperparameters that suit a small test problem (lr scaled to it).
         conformance_skip: conformance check name -> why it does not apply to this method.

@@ -117,7 +117,7 @@ def precondition(grad_mat: Tensor, q_a: Tensor, d_a: Tensor, q_g: Tensor, d_g: T
                 "Grosse & Martens 2016, A Kronecker-factored approximate Fisher matrix for convolution layers",
           arxiv="1503.05671", reference="alecwangcq/KFAC-Pytorch (optimizers/kfac.py); dense torch.kron "
                                         "float64 transcription on a tiny MLP",
-          state_words=1, needs=("matrix-params",),
+          state_words=1, needs=("matrix-params", "model"),
           example_kwargs={"lr": 0.05, "momentum": 0.9},
           search_space={"lr": ("log", 1e-3, 0.5), "damping": ("log", 1e-4, 1e-1)})
 class KFAC(GlobalStepOptimizer):

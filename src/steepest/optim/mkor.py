@@ -93,7 +93,7 @@ def output_grad_vector(layer: Layer, g: Tensor, dtype: torch.dtype, clip: float 
                 "Rank-1 Updates",
           arxiv="2306.01685", reference="Mohammad-Mozaffari/mkor (mkor/mkor.py, utils/factors.py); dense "
                                         "torch.linalg.inv float64 transcription on a tiny MLP",
-          state_words=1, needs=("matrix-params",),
+          state_words=1, needs=("matrix-params", "model"),
           example_kwargs={"lr": 0.05, "momentum": 0.9},
           search_space={"lr": ("log", 1e-3, 0.5), "stat_decay": ("uniform", 0.8, 0.99)})
 class MKOR(GlobalStepOptimizer):
