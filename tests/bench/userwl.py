@@ -1,0 +1,35 @@
+"""A user-defined workload and optimizer, loaded by import path in the tests."""
+
+import torch
+from torch import nn
+
+from steepest.bench import Workload
+
+
+def make_workload() -> Workload:
+    """1-D least squares: minimize (theta - 3)^2 with noise."""
+    def build(seed):
+        return nn.Linear(1, 1, bias=False)
+
+    def loss(model, noise):
+        return ((model.weight.squeeze() - 3.0) ** 2) + 0.01 * noise * model.weight.squeeze()
+
+    return Workload(name="user_ls", version=1, kind="toy", description="toy", build=build,
+                    batch=lambda g: torch.randn((), generator=g), loss=loss,
+                    evaluate=lambda m: float((m.weight.squeeze() - 3.0).abs()), metric="|theta-3|", mode="min",
+                    budget=40, target=0.5, eval_every=5)
+
+
+def broken_factory():
+    """Raises, to test the error path."""
+    raise RuntimeError("boom")
+
+
+class MySGD(torch.optim.SGD):
+    """A user optimizer without a search space (uses the default lr space)."""
+
+
+class BadSpaceSGD(torch.optim.SGD):
+    """A user optimizer whose search space includes invalid (negative) learning rates."""
+
+    search_space = {"lr": ("uniform", -1.0, 1.0)}
