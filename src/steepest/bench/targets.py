@@ -76,6 +76,10 @@ def set_targets(workloads: list[str], store: Store, trials: int = 12, seeds: int
         new_budget = int(math.ceil(BUDGET_FACTOR * steps / w.eval_every) * w.eval_every)
         new_budget, confirmed = confirm_budget(w, best_p.optimizer, best_p.hparams, target, new_budget,
                                                [p.seed for p in reruns])
+        if new_budget is None:
+            # No shorter schedule confirmed: the reruns themselves ran under the search budget's schedule.
+            new_budget = budget
+            confirmed = [p.seed for p, n in zip(reruns, needed) if n is not None]
         entries[w.name] = {"target": target, "budget": new_budget, "eval_every": int(w.eval_every),
                            "search_budget": budget, "metric": w.metric, "mode": w.mode,
                            "reference": {"optimizer": best_p.optimizer, "hparams": best_p.hparams},
@@ -92,11 +96,12 @@ def set_targets(workloads: list[str], store: Store, trials: int = 12, seeds: int
 
 
 def confirm_budget(w, optimizer: str, hparams: dict, target: float, budget: int, seeds: list[int],
-                   max_growths: int = 4) -> tuple[int, list[int]]:
+                   max_growths: int = 4) -> tuple[int | None, list[int]]:
     """Grow ``budget`` by 1.33x until most of ``seeds`` reach ``target`` with the schedule of that budget.
 
     The cosine schedule depends on the budget, so the steps a run needed under the search budget need not suffice
-    under a shorter one; this closes that gap. Returns (budget, seeds that reached).
+    under a shorter one; this closes that gap. Returns (budget, seeds that reached), or (None, []) when no
+    budget tried (up to ``max_growths`` growths) was confirmed.
     """
     import dataclasses
 
@@ -111,9 +116,9 @@ def confirm_budget(w, optimizer: str, hparams: dict, target: float, budget: int,
             trial_w.target, trial_w.budget = target, budget
         reached = [s for s in seeds if run_trial(trial_w, optimizer, hparams, s, budget=budget).reached]
         if 2 * len(reached) > len(seeds):
-            break
+            return budget, reached
         budget = int(math.ceil(BUDGET_FACTOR * budget / w.eval_every) * w.eval_every)
-    return budget, reached
+    return None, []
 
 
 def write_targets(doc: dict, directory: str | Path | None = None) -> Path:

@@ -60,7 +60,7 @@ class _AdamBase(Optimizer):
         return {"amsgrad": group["amsgrad"]}
 
 
-_ADAM_SPACE = {"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+_ADAM_SPACE = {"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                "weight_decay": ("log", 5e-3, 1.0)}
 
 
@@ -83,7 +83,7 @@ class AdamW(_AdamBase):
 
 @register("adam", family="first-order", paper="Kingma & Ba 2015, Adam: A Method for Stochastic Optimization",
           arxiv="1412.6980", reference="torch.optim.Adam", state_words=2, example_kwargs={"lr": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1)})
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1)})
 class Adam(_AdamBase):
     """Adam (Kingma & Ba 2015, arXiv 1412.6980), with optional AMSGrad (arXiv 1904.09237).
 

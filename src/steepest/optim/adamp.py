@@ -96,7 +96,7 @@ _PROJECTION_NOTE = """
           paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
                 "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=2,
           example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class AdamP(Optimizer):
     """AdamP (Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha 2021, "AdamP: Slowing Down the Slowdown for Momentum

@@ -42,7 +42,7 @@ def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, 
           paper="Xie et al. 2022, Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models",
           arxiv="2208.06677", reference="sail-sg/Adan (adan.py); float64 NumPy transcription in the tests",
           state_words=4, example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class Adan(Optimizer):
     """Adan (Xie, Zhou, Li, Lin, Yan 2022, "Adan: Adaptive Nesterov Momentum Algorithm for Faster

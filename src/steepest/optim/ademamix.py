@@ -67,7 +67,7 @@ _optional_steps.bad_example = 0
           paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer: Better, Faster, Older",
           arxiv="2409.03137", reference="apple/ml-ademamix pytorch/ademamix.py", state_words=3,
           example_kwargs={"lr": 1e-2, "weight_decay": 1e-2, "alpha_warmup": 4, "beta3_warmup": 4},
-          search_space={"lr": ("log", 1e-4, 1e-2), "alpha": ("log", 1.0, 10.0),
+          search_space={"lr": ("log", 1e-4, 1e-1), "alpha": ("log", 1.0, 10.0),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class AdEMAMix(Optimizer):
     """AdEMAMix (Pagliardini, Ablin & Grangier 2024, "The AdEMAMix Optimizer: Better, Faster, Older",

@@ -32,7 +32,7 @@ def diffgrad_update(params, grads, exp_avg, exp_avg_sq, previous_grad, *, beta1,
           paper="Dubey et al. 2019, diffGrad: An Optimization Method for Convolutional Neural Networks",
           arxiv="1909.11015", reference="shivram1987/diffGrad diffGrad_v2.py", state_words=3,
           example_kwargs={"lr": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1)})
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1)})
 class DiffGrad(Optimizer):
     """diffGrad (Dubey, Chakraborty, Roy, Mukherjee, Singh & Chaudhuri 2019, "diffGrad: An Optimization
     Method for Convolutional Neural Networks", IEEE TNNLS, arXiv 1909.11015), as the authors'

@@ -27,7 +27,7 @@ def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, eps, denom
           paper="Cao, Li & Song 2024, Grams: Gradient Descent with Adaptive Momentum Scaling", arxiv="2412.17107",
           reference="paper Algorithm 1; Gunale0926/Grams (eps_mode='reference')", state_words=2,
           example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class Grams(Optimizer):
     """Grams (Cao, Li & Song 2024, "Grams: Gradient Descent with Adaptive Momentum Scaling",

@@ -21,7 +21,7 @@ def lion_update(params, grads, exp_avg, *, lr, beta1, beta2):
           paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms", arxiv="2302.06675",
           reference="google/automl lion/lion_pytorch.py; lion-pytorch on PyPI", state_words=1,
           example_kwargs={"lr": 1e-3, "weight_decay": 1e-1},
-          search_space={"lr": ("log", 1e-5, 1e-3), "one_minus_beta1": ("log", 1e-2, 0.2),
+          search_space={"lr": ("log", 3e-5, 3e-2), "one_minus_beta1": ("log", 1e-2, 0.2),
                         "weight_decay": ("log", 1e-2, 10.0)})
 class Lion(Optimizer):
     """Lion, EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms",

@@ -69,7 +69,7 @@ class _MuProducts:
           arxiv="2306.07179", reference="mlcommons/algorithmic-efficiency prize_qualification_baselines NAdamW; "
           "torch.optim.NAdam(decoupled_weight_decay=True) for momentum_decay", state_words=2,
           example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class NAdamW(Optimizer):
     """NAdamW: Adam with Nesterov momentum (Dozat 2016, "Incorporating Nesterov Momentum into Adam", ICLR

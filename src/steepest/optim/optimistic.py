@@ -32,7 +32,7 @@ def optimistic_amsgrad_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq
           reference="paper Algorithm (Optimistic-AMSGrad) with the last gradient as the guess; float64 NumPy "
                     "transcription in the tests",
           state_words=4, example_kwargs={"lr": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1)})
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1)})
 class OptimisticAMSGrad(Optimizer):
     """Optimistic-AMSGrad (Wang, Li, Li 2019, "Optimistic Adaptive Acceleration for Optimization";
     revised as "An Optimistic Acceleration of AMSGrad for Nonconvex Optimization", arXiv 1903.01435).

@@ -98,7 +98,7 @@ def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, e
 @register("qhadam", family="first-order", paper=_PAPER, arxiv="1810.06801",
           reference="qhoptim.pyt.QHAdam (facebookresearch/qhoptim)", state_words=2,
           example_kwargs={"lr": 1e-2, "nus": (0.7, 1.0)},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class QHAdam(Optimizer):
     """QHAdam: quasi-hyperbolic Adam (Ma & Yarats 2019, ICLR 2019, arXiv 1810.06801).

@@ -29,7 +29,7 @@ def _work(t: torch.Tensor) -> torch.Tensor:
           paper="Guan, Li, Shi & Meng 2023, XGrad: Boosting Gradient-Based Optimizers With Weight Prediction",
           arxiv="2305.18240", reference="guanleics/XGrad; NumPy transcription in tests/optim/test_xgrad.py",
           state_words=2, needs=("closure",), example_kwargs={"base": "adamw", "lr": 1e-2, "weight_decay": 1e-2},
-          search_space={"lr": ("log", 1e-4, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
+          search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class XGrad(Optimizer):
     """XGrad: gradients taken at predicted future weights (Guan, Li, Shi & Meng 2023, "XGrad: Boosting
