@@ -281,9 +281,12 @@ class Optimizer(torch.optim.Optimizer):
 
         todo = list(range(len(params)))
         if self._wants_compile(params):
-            fused = [i for i in todo if self._fusable(params[i], grads[i], states, i)]
+            # Largest first: the compiled kernel takes its size hints (and so whether to run in parallel
+            # threads) from the first chunk it sees.
+            fused = sorted((i for i in todo if self._fusable(params[i], grads[i], states, i)),
+                           key=lambda i: -params[i].numel())
             if fused:
-                kernel = self._kernel(params[fused[0]], grads[fused[0]], states, options)
+                kernel = self._kernel(params[fused[0]], grads[fused[0]], states, options, tuple(scalars))
                 done = set(self._run_fused(kernel, params, grads, states, scalars, wd, fused, device))
                 todo = [i for i in todo if i not in done]
         for chunk in self._eager_chunks(params, todo):
@@ -327,10 +330,12 @@ class Optimizer(torch.optim.Optimizer):
         # torch.compile (2.13) drops in-place writes to 0-dim tensor inputs: such states stay eager.
         return all(v[i].is_contiguous() and v[i].dim() > 0 for v in states.values())
 
-    def _kernel(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], options: dict[str, Any]):
+    def _kernel(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], options: dict[str, Any],
+                scalar_names: tuple[str, ...] = ()):
         static = options["static"]
-        key = (p.device.type, p.dtype, g.dtype, tuple((k, v[0].dtype) for k, v in states.items()),
-               tuple(sorted(static.items())), options["maximize"], options["wd_mode"], options["stochastic"])
+        key = (p.device, p.dtype, g.dtype, tuple((k, v[0].dtype) for k, v in states.items()),
+               tuple(sorted(static.items())), options["maximize"], options["wd_mode"], options["stochastic"],
+               scalar_names)
         if key not in self._kernels:
             fn = _fresh_code_copy(_apply_update, type(self).__name__)
             self._kernels[key] = torch.compile(fn, dynamic=True, fullgraph=True)
