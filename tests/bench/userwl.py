@@ -33,3 +33,37 @@ class BadSpaceSGD(torch.optim.SGD):
     """A user optimizer whose search space includes invalid (negative) learning rates."""
 
     search_space = {"lr": ("uniform", -1.0, 1.0)}
+
+
+def _slow(name: str) -> Workload:
+    """The least-squares workload under another name, ~0.4 s per trial (so that two workers share a queue), and
+    logging every trial it trains to the file $STEEPEST_TEST_RUNLOG (to count how often each trial runs)."""
+    import dataclasses
+    import os
+    import time
+
+    w = make_workload()
+    build, evaluate = w.build, w.evaluate
+
+    def logged_build(seed):
+        log = os.environ.get("STEEPEST_TEST_RUNLOG")
+        if log:
+            with open(log, "a") as fh:
+                fh.write(f"{name} {seed} {os.getpid()}\n")
+        return build(seed)
+
+    def slow_evaluate(model):
+        time.sleep(0.05)
+        return evaluate(model)
+
+    return dataclasses.replace(w, name=name, build=logged_build, evaluate=slow_evaluate)
+
+
+def make_slow_a() -> Workload:
+    """Slow least squares, first copy."""
+    return _slow("user_slow_a")
+
+
+def make_slow_b() -> Workload:
+    """Slow least squares, second copy."""
+    return _slow("user_slow_b")

@@ -53,9 +53,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=None, help="independent studies (different Halton shifts/seeds)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per trial")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local process pool (default) or a Ray cluster (optional extra: pip install ray)")
+    p.add_argument("--engine", choices=("local", "ray", "optuna"), default="local",
+                   help="local process pool (default), a Ray cluster (optional extra: pip install ray), or a "
+                        "shared Optuna study that workers on other machines join (optional extra: pip install optuna)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start/attach locally)")
+    p.add_argument("--storage", default=None,
+                   help="--engine optuna: the Optuna RDB storage shared by all workers, a file (SQLite) or an "
+                        "SQLAlchemy URL such as postgresql://host/db (default: the --store database)")
+    p.add_argument("--study-name", default=None,
+                   help="--engine optuna: the Optuna study (default: steepest-bench-<hash of the plan>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(p)
@@ -75,6 +81,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     help="write targets_v<N+1>.json into DIR (default: only print it)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_targets)
+    pk = sub.add_parser("worker", help="join a shared Optuna study (--engine optuna) and run its waiting trials",
+                        description="Run the waiting trials of a steepest-bench Optuna study, one at a time per job, "
+                                    "writing each record to the suite's results store. Start one on every machine.")
+    pk.add_argument("--storage", required=True, help="the Optuna RDB storage: a file (SQLite) or an SQLAlchemy URL")
+    pk.add_argument("--study-name", "--study", default=None,
+                    help="the study (default: every steepest-bench study in the storage with trials waiting)")
+    pk.add_argument("--store", default=None,
+                    help="results store (default: the one the suite's `steepest bench --engine optuna` recorded)")
+    pk.add_argument("--jobs", type=int, default=None, help="worker processes on this machine (default: one per core)")
+    pk.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for a study with trials waiting to appear (default: do not wait)")
+    pk.set_defaults(func=cmd_worker)
     pw = sub.add_parser("workloads", help="list the built-in workloads with their targets and budgets")
     pw.set_defaults(func=cmd_workloads)
     return p
@@ -118,8 +136,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         res = run_suite(workloads, optimizers, trials, studies, seeds, store, jobs=jobs, progress=not args.quiet,
-                        engine=args.engine, ray_address=args.ray_address)
+                        engine=args.engine, ray_address=args.ray_address, storage=args.storage,
+                        study_name=args.study_name)
     except ImportError as err:
+        return _fail(str(err))
+    except (ValueError, RuntimeError) as err:
+        if args.engine == "local":
+            raise
         return _fail(str(err))
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are in the store; run the same command again to resume",
@@ -166,6 +189,36 @@ def cmd_targets(args: argparse.Namespace) -> int:
         print(f"wrote {write_targets(doc, args.write)}")
     else:
         print(json.dumps(doc, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Join shared Optuna studies and run their waiting trials until none is left."""
+    try:
+        from .optuna_engine import find_studies, run_workers
+        deadline = time.monotonic() + max(0.0, args.wait)
+        while True:
+            names = [args.study_name] if args.study_name else find_studies(args.storage)
+            if names or time.monotonic() >= deadline:
+                break
+            time.sleep(2.0)
+        if not names:
+            print(f"steepest bench worker: no steepest-bench study with trials waiting in {args.storage}")
+            return 0
+        jobs = args.jobs or default_jobs()
+        t0 = time.perf_counter()
+        ran = 0
+        for name in names:
+            print(f"steepest bench worker: study {name}, {jobs} jobs", flush=True)
+            ran += run_workers(args.storage, name, args.store, jobs=jobs)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are in the store; re-run the suite's `steepest bench --engine optuna "
+              "...` to re-queue the others", file=sys.stderr)
+        return 130
+    except (ImportError, ValueError, RuntimeError, KeyError, StoreError) as err:
+        return _fail(err.args[0] if isinstance(err, KeyError) else str(err))
+    print(f"steepest bench worker: ran {ran} trials in {time.perf_counter() - t0:.1f} s; "
+          "`steepest bench report --store ...` renders the suite")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,31 @@ class Store:
         except sa.exc.SQLAlchemyError as err:
             raise StoreError(f"results store {self.url!r} cannot be opened ({type(err).__name__}: {err}); it was "
                              "left untouched -- check the path/URL or point --store at a new one") from err
+        # Several processes may open the same new store at once (workers of a shared suite): creating it races,
+        # so a failed creation step is retried after looking again at what the other process made.
+        for attempt in range(12):
+            if attempt:
+                time.sleep(0.05 * attempt)
+                with self.engine.connect() as conn:
+                    tables = set(sa.inspect(conn).get_table_names())
+            try:
+                if self._check_or_create(tables):
+                    return
+            except (sa.exc.OperationalError, sa.exc.IntegrityError):
+                continue
+        raise StoreError(f"results store {self.url!r} is not a steepest-bench store (schema None); it was left "
+                         "untouched")
+
+    def _check_or_create(self, tables: set[str]) -> bool:
+        """Check an existing store's schema or create a new one; False while another process is creating it."""
         if tables and "steepest_meta" not in tables:
             raise StoreError(f"results store {self.url!r} holds tables {sorted(tables)} of another program; it was "
                              "left untouched -- point --store at a new path")
         if "steepest_meta" in tables:
             with self.engine.connect() as conn:
                 meta = dict(conn.execute(sa.select(_META.c.key, _META.c.value)).all())
+            if not meta:
+                return False  # tables made, schema rows not yet written (by another process) or lost: look again
             if meta.get("schema") != SCHEMA:
                 raise StoreError(f"results store {self.url!r} is not a steepest-bench store (schema "
                                  f"{meta.get('schema')!r}); it was left untouched")
@@ -99,6 +119,7 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(_META.insert(), [{"key": "schema", "value": SCHEMA},
                                               {"key": "schema_version", "value": str(SCHEMA_VERSION)}])
+        return True
 
     def keys(self) -> set[str]:
         """The keys of every stored trial."""

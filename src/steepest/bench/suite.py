@@ -117,10 +117,13 @@ def get_workload_mode(config: dict, name: str) -> str:
 
 def run_suite(workloads: list[str], optimizers: list[str], trials: int, studies: int, seeds: int, store: Store,
               jobs: int = 1, progress: bool = True, max_new: int | None = None, engine: str = "local",
-              ray_address: str | None = None) -> SuiteResult:
+              ray_address: str | None = None, storage: str | None = None,
+              study_name: str | None = None) -> SuiteResult:
     """Plan the suite, run what the store lacks, and aggregate (the ``steepest bench`` command).
 
-    ``engine="ray"`` fans trials out over a Ray cluster instead of the local pool (optional extra).
+    ``engine="ray"`` fans trials out over a Ray cluster instead of the local pool; ``engine="optuna"`` puts them
+    in a shared Optuna study (RDB ``storage``, default the store's database) that workers on other machines may
+    join (``steepest bench worker``). Both are optional extras and give the same records as the local pool.
     """
     config = {"workloads": list(workloads), "optimizers": list(optimizers), "trials": int(trials),
               "studies": int(studies), "seeds": int(seeds)}
@@ -129,10 +132,14 @@ def run_suite(workloads: list[str], optimizers: list[str], trials: int, studies:
     if engine == "ray":
         from .ray_engine import run_plan_ray
         records = run_plan_ray(plan, store, address=ray_address, progress=progress)
+    elif engine == "optuna":
+        from .optuna_engine import run_plan_optuna
+        records = run_plan_optuna(plan, store, config, storage=storage, study_name=study_name, jobs=jobs,
+                                  progress=progress)
     elif engine == "local":
         records = run_plan(plan, store, jobs=jobs, progress=progress, max_new=max_new)
     else:
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+        raise ValueError(f"engine must be 'local', 'ray' or 'optuna', got {engine!r}")
     return aggregate(config, plan, records)
 
 
