@@ -3,6 +3,15 @@
 Every operator is a symmetric ``n x n`` matrix over the flattened trainable parameters of a model
 (or a chosen subset of them), for a loss averaged over a data set given as batches. Products are
 computed batch by batch, so memory stays at a few gradients' worth whatever the data set size.
+
+Each product needs a forward pass and a first derivative built with ``create_graph`` (the
+"preparation"), then one more backward pass per vector. For data held as one batch the preparation
+is kept between products (``cache_graph=None``, the default), as PyHessian does: the first product
+costs the preparation plus one backward pass, later ones only the backward pass. The kept graph is
+checked before every product against the model's parameters, buffers and train/eval flags and the
+batch tensors (their version counters), and rebuilt when any of them changed; ``clear_cache()``
+frees it. ``cache_graph=True`` keeps one graph per batch for data given as a list of several batches
+(memory grows with the data); ``False`` never keeps one.
 """
 
 from __future__ import annotations
@@ -172,6 +181,16 @@ def _check_jv(jv: Tensor | None) -> None:
             stage="Jacobian-vector product", exc="the backward pass is not differentiable (the graph is cut)"))
 
 
+def _tensors_in(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors_in(item)]
+    return []
+
+
 def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[Tensor]]:
     named = [(n, p) for n, p in model.named_parameters()]
     if params is None:
@@ -206,7 +225,11 @@ def _select_params(model: nn.Module, params: Any) -> tuple[list[str], list[Tenso
 
 @contextlib.contextmanager
 def _kept_buffers(model: nn.Module, keep: bool):
-    """Restore the model's buffers (e.g. BatchNorm running statistics) after the block."""
+    """Restore the model's buffers (e.g. BatchNorm running statistics) after the block.
+
+    Through ``.data``, so the buffers' version counters do not move: a kept graph that saved them (the
+    running statistics are inputs of batch norm's backward, unused by it in training mode) stays valid.
+    """
     if not keep:
         yield
         return
@@ -216,7 +239,7 @@ def _kept_buffers(model: nn.Module, keep: bool):
     finally:
         with torch.no_grad():
             for b, s in saved:
-                b.copy_(s)
+                b.data.copy_(s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,13 +252,17 @@ class CurvatureOperator:
     The average is over examples: each batch's mean loss is weighted by its size. Products accept a
     flat vector ``(n,)``, a matrix ``(n, k)`` or a tuple of parameter-shaped tensors. The model is used
     in whatever train/eval mode it is in; its buffers (BatchNorm statistics) are restored after every
-    pass. Subclasses implement ``_batch_products``.
+    pass. ``cache_graph``: keep the forward pass and first derivative between products (None: when the
+    data is one batch; True: for every batch of a list of batches; False: never), rebuilt whenever
+    the model, its mode or the data changed; a kept graph fixes dropout masks and holds the
+    activations' memory until ``clear_cache()``. Subclasses implement ``_prepare`` (forward pass
+    and first derivative of one batch) and ``_apply`` (the products from a prepared batch).
     """
 
     kind = "curvature"
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any,
-                 params: Any = None, *, keep_buffers: bool = True) -> None:
+                 params: Any = None, *, keep_buffers: bool = True, cache_graph: bool | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -257,6 +284,34 @@ class CurvatureOperator:
         self.dtype = dtype
         self.device = self.params[0].device
         self.num_products = 0  # matrix-vector products done so far (a matmat with k columns counts k)
+        if cache_graph not in (None, True, False):
+            raise CurvatureError(f"cache_graph must be None, True or False, got {cache_graph!r}")
+        self.cache_graph = cache_graph
+        self._cache: dict[int, Any] = {}
+        self._cache_key: Any = None
+        self.num_preparations = 0  # forward passes + first derivatives built for products so far
+
+    # ---- the kept graph ---------------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Free the kept forward pass and first derivative (the next product rebuilds them)."""
+        self._cache = {}
+        self._cache_key = None
+
+    def _cacheable(self) -> bool:
+        if self.cache_graph is False or not isinstance(self.data, (list, tuple)):
+            return False
+        return self.cache_graph is True or len(self.data) == 1
+
+    def _fingerprint(self) -> Any:
+        """What a kept graph depends on: the model's tensors, modes and the data (None: cannot tell)."""
+        try:
+            tensors = [*self.model.parameters(), *self.model.buffers()]
+            for batch in self.data:
+                tensors += _tensors_in(batch)
+            return (tuple((id(t), t._version, t.data_ptr(), t.requires_grad) for t in tensors),
+                    tuple(m.training for m in self.model.modules()), tuple(id(b) for b in self.data))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
 
     # ---- vectors ----------------------------------------------------------------------------------
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -295,23 +350,45 @@ class CurvatureOperator:
     # ---- products ---------------------------------------------------------------------------------
     def _products(self, cols: list[tuple[Tensor, ...]]) -> Tensor:
         """Sum over batches of per-example-weighted products, as an (n, k) matrix (k = len(cols))."""
-        acc = torch.zeros(self.shape[0], len(cols), dtype=self.dtype, device=self.device)
+        key = self._fingerprint() if self._cacheable() else None
+        if key is None or key != self._cache_key:
+            self.clear_cache()
+        acc = torch.zeros(len(cols), self.shape[0], dtype=self.dtype, device=self.device)
         total = 0
-        with _kept_buffers(self.model, self.keep_buffers):
+        with _kept_buffers(self.model, self.keep_buffers and not (key is not None and self._cache)):
             for index, inputs, targets, size in _iter_batches(self.data):
-                outs = self._batch_products(index, inputs, targets, size, cols)
-                for j, out in enumerate(outs):
-                    acc[:, j] += self._flat_or_zeros(out).detach()
+                state = self._cache.get(index)
+                if state is None:
+                    state = self._prepare(index, inputs, targets, size)
+                    self.num_preparations += 1
+                    if key is not None:
+                        self._cache[index] = state
+                weight, outs = self._apply(state, cols)
+                for row, out in zip(acc, outs):
+                    self._add_flat(row, out, weight)
                 total += size
+        if key is not None:
+            self._cache_key = self._fingerprint()  # after the buffers were restored
         self.num_products += len(cols)
-        return acc / total
+        acc.div_(total)
+        return acc.t() if len(cols) == 1 else acc.t().contiguous()
+
+    def _add_flat(self, row: Tensor, grads: Sequence[Tensor | None], weight: float) -> None:
+        for g, a, b in zip(grads, self.offsets[:-1], self.offsets[1:]):
+            if g is not None:
+                row[a:b].add_(g.detach().reshape(-1), alpha=weight)
 
     def _flat_or_zeros(self, grads: Sequence[Tensor | None]) -> Tensor:
         return torch.cat([(torch.zeros(p.numel(), dtype=self.dtype, device=self.device) if g is None
                            else g.reshape(-1).to(self.dtype)) for g, p in zip(grads, self.params)])
 
-    def _batch_products(self, index: int, inputs: Any, targets: Any, size: int,
-                        cols: list[tuple[Tensor, ...]]) -> list[Sequence[Tensor | None]]:
+    def _prepare(self, index: int, inputs: Any, targets: Any, size: int) -> Any:
+        """Forward pass and first derivative of one batch (kept between products when cached)."""
+        raise NotImplementedError
+
+    def _apply(self, state: Any, cols: list[tuple[Tensor, ...]]) -> tuple[float, list[Sequence[Tensor | None]]]:
+        """(weight, one parameter-shaped product per column) from a prepared batch; the operator is the
+        sum over batches of weight * product, divided by the number of examples."""
         raise NotImplementedError
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -377,23 +454,26 @@ class HessianOperator(CurvatureOperator):
 
     kind = "hessian"
 
-    def _batch_products(self, index, inputs, targets, size, cols):
+    def _prepare(self, index, inputs, targets, size):
         loss = _call_loss(self.loss_fn, _call_model(self.model, inputs, index), targets, index)
         grads = _grad(loss, self.params, create_graph=True, stage="first derivative")
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return size, [grads[i] for i in live], live
+
+    def _apply(self, state, cols):
+        size, grads, live = state
         results = []
         for v in cols:
             if not live:  # the gradient is constant: the Hessian is zero
                 results.append([None] * len(self.params))
                 continue
-            hv = _grad([grads[i] for i in live], self.params, [v[i] for i in live], retain_graph=True,
-                       stage="second derivative")
+            hv = _grad(grads, self.params, [v[i] for i in live], retain_graph=True, stage="second derivative")
             if all(h is None for h in hv):
                 raise NotTwiceDifferentiableError(_TWICE_MSG.format(
                     stage="second derivative", exc="the gradient depends on the parameters but no second "
                     "derivative reaches them (the backward graph is cut)"))
-            results.append([None if h is None else h * size for h in hv])
-        return results
+            results.append(hv)
+        return size, results
 
 
 class GGNOperator(CurvatureOperator):
@@ -402,7 +482,7 @@ class GGNOperator(CurvatureOperator):
 
     kind = "ggn"
 
-    def _batch_products(self, index, inputs, targets, size, cols):
+    def _prepare(self, index, inputs, targets, size):
         out = _call_model(self.model, inputs, index)
         if not isinstance(out, Tensor):
             raise CurvatureError(f"the GGN needs the model to return a tensor, got {type(out).__name__}")
@@ -415,13 +495,16 @@ class GGNOperator(CurvatureOperator):
         jtu = _grad(out, self.params, u, create_graph=True, stage="first derivative")
         _check_linear_in_u(jtu)
         live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+        return size, out, out_d, gl, u, [jtu[i] for i in live], live
+
+    def _apply(self, state, cols):
+        size, out, out_d, gl, u, jtu, live = state
         results = []
         for v in cols:
             if not live:
                 results.append([None] * len(self.params))
                 continue
-            (jv,) = _grad([jtu[i] for i in live], u, [v[i] for i in live], retain_graph=True,
-                          stage="Jacobian-vector product")
+            (jv,) = _grad(jtu, u, [v[i] for i in live], retain_graph=True, stage="Jacobian-vector product")
             _check_jv(jv)
             if gl is None or not gl.requires_grad:
                 results.append([None] * len(self.params))
@@ -430,9 +513,8 @@ class GGNOperator(CurvatureOperator):
             if hjv is None:
                 results.append([None] * len(self.params))
                 continue
-            res = _grad(out, self.params, hjv * size, retain_graph=True, stage="vector-Jacobian product")
-            results.append(res)
-        return results
+            results.append(_grad(out, self.params, hjv, retain_graph=True, stage="vector-Jacobian product"))
+        return size, results
 
 
 def _per_example_losses(loss_fn: Callable, out: Tensor, targets: Tensor, index: int) -> Tensor:
@@ -489,8 +571,9 @@ class FisherOperator(CurvatureOperator):
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, kind: str = "empirical", mc_samples: int = 1,
-                 seed: int = 0, sample_targets: Callable | None = None, keep_buffers: bool = True) -> None:
-        super().__init__(model, loss_fn, data, params, keep_buffers=keep_buffers)
+                 seed: int = 0, sample_targets: Callable | None = None, keep_buffers: bool = True,
+                 cache_graph: bool | None = None) -> None:
+        super().__init__(model, loss_fn, data, params, keep_buffers=keep_buffers, cache_graph=cache_graph)
         if kind not in ("empirical", "true"):
             raise CurvatureError(f"kind must be 'empirical' or 'true', got {kind!r}")
         if mc_samples < 1:
@@ -505,7 +588,7 @@ class FisherOperator(CurvatureOperator):
                                  "nn.CrossEntropyLoss / nn.MSELoss (or their functional forms), or pass "
                                  "sample_targets=fn(outputs, generator) -> sampled targets")
 
-    def _batch_products(self, index, inputs, targets, size, cols):
+    def _prepare(self, index, inputs, targets, size):
         out = _call_model(self.model, inputs, index)
         if not isinstance(out, Tensor):
             raise CurvatureError(f"the Fisher needs the model to return a tensor, got {type(out).__name__}")
@@ -525,16 +608,19 @@ class FisherOperator(CurvatureOperator):
         jtu = _grad(losses, self.params, u, create_graph=True, stage="first derivative")
         _check_linear_in_u(jtu)
         live = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+        return losses, u, [jtu[i] for i in live], live
+
+    def _apply(self, state, cols):
+        losses, u, jtu, live = state
         results = []
         for v in cols:
             if not live:
                 results.append([None] * len(self.params))
                 continue
-            (jv,) = _grad([jtu[i] for i in live], u, [v[i] for i in live], retain_graph=True,
-                          stage="Jacobian-vector product")
+            (jv,) = _grad(jtu, u, [v[i] for i in live], retain_graph=True, stage="Jacobian-vector product")
             _check_jv(jv)
             results.append(_grad(losses, self.params, jv, retain_graph=True, stage="vector-Jacobian product"))
-        return results
+        return 1.0, results  # the per-example losses are summed, not averaged: no batch-size weight
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,28 +628,30 @@ class FisherOperator(CurvatureOperator):
 
 
 def hessian(model: nn.Module, loss_fn: Callable, data: Any, params: Any = None, *,
-            keep_buffers: bool = True) -> HessianOperator:
+            keep_buffers: bool = True, cache_graph: bool | None = None) -> HessianOperator:
     """The Hessian of the data-averaged loss as a matrix-free operator (Pearlmutter 1994).
 
     ``data``: an iterable of ``(inputs, targets)`` batches (or one such pair); ``loss_fn(outputs,
     targets)`` returns the scalar mean loss of a batch; ``params``: None (every trainable parameter),
-    a submodule, or a list of parameters / parameter names (e.g. one layer).
+    a submodule, or a list of parameters / parameter names (e.g. one layer). ``cache_graph``: keep the
+    forward pass and first derivative between products (None: when the data is one batch; see
+    ``CurvatureOperator``).
     """
-    return HessianOperator(model, loss_fn, data, params, keep_buffers=keep_buffers)
+    return HessianOperator(model, loss_fn, data, params, keep_buffers=keep_buffers, cache_graph=cache_graph)
 
 
 def ggn(model: nn.Module, loss_fn: Callable, data: Any, params: Any = None, *,
-        keep_buffers: bool = True) -> GGNOperator:
+        keep_buffers: bool = True, cache_graph: bool | None = None) -> GGNOperator:
     """The generalized Gauss-Newton matrix ``J^T H_L J`` as an operator (Schraudolph 2002)."""
-    return GGNOperator(model, loss_fn, data, params, keep_buffers=keep_buffers)
+    return GGNOperator(model, loss_fn, data, params, keep_buffers=keep_buffers, cache_graph=cache_graph)
 
 
 def fisher(model: nn.Module, loss_fn: Callable, data: Any, params: Any = None, *, kind: str = "empirical",
            mc_samples: int = 1, seed: int = 0, sample_targets: Callable | None = None,
-           keep_buffers: bool = True) -> FisherOperator:
+           keep_buffers: bool = True, cache_graph: bool | None = None) -> FisherOperator:
     """The empirical or true (label-sampled) Fisher as an operator (Amari 1998; Martens 2014, 1412.1193)."""
     return FisherOperator(model, loss_fn, data, params, kind=kind, mc_samples=mc_samples, seed=seed,
-                          sample_targets=sample_targets, keep_buffers=keep_buffers)
+                          sample_targets=sample_targets, keep_buffers=keep_buffers, cache_graph=cache_graph)
 
 
 @torch.no_grad()

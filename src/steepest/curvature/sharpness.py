@@ -48,7 +48,10 @@ class SharpnessTracker:
     def measure(self, step: int | None = None) -> Tensor:
         """Top-k eigenvalues now (warm-started); appended to the history."""
         before = self.op.num_products
-        vals, vecs = top_eigenvalues(self.op, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=self._v)
+        try:
+            vals, vecs = top_eigenvalues(self.op, k=self.k, tol=self.tol, max_iter=self.max_iter, v0=self._v)
+        finally:
+            self.op.clear_cache()  # the kept graph would hold the activations' memory through training
         self._v = vecs.sum(1) if self.k > 1 else vecs[:, 0]
         self.steps.append(len(self.steps) if step is None else step)
         self.values.append(vals.detach().cpu())
