@@ -112,6 +112,37 @@ def precondition(grad_mat: Tensor, q_a: Tensor, d_a: Tensor, q_g: Tensor, d_g: T
     return q_g @ v @ q_a.t()
 
 
+class LayerHookOptimizer(GlobalStepOptimizer):
+    """Base of the optimizers that hook a model's Linear and Conv2d layers (K-FAC, MKOR): the hooks queue
+    per-batch statistics on each :class:`Layer` (``pending_a``, ``pending_g``), a step folds them in, and
+    the queue is cleared after every step, whether it succeeded or not, so that a failed or skipped step
+    leaves no statistics behind."""
+
+    layers: list[Layer]
+    _handles: list[Any]
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no more statistics are captured)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear_stats(self) -> None:
+        """Drop the statistics captured since the last step (the hooks' queues)."""
+        for layer in self.layers:
+            layer.pending_a.clear()
+            layer.pending_g.clear()
+
+    # -------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        try:
+            return super().step(closure)
+        finally:
+            self.clear_stats()
+
+
 @register("kfac", family="matrix",
           paper="Martens & Grosse 2015, Optimizing Neural Networks with Kronecker-factored Approximate Curvature; "
                 "Grosse & Martens 2016, A Kronecker-factored approximate Fisher matrix for convolution layers",
@@ -120,7 +151,7 @@ def precondition(grad_mat: Tensor, q_a: Tensor, d_a: Tensor, q_g: Tensor, d_g: T
           state_words=1, needs=("matrix-params", "model"),
           example_kwargs={"lr": 0.05, "momentum": 0.9},
           search_space={"lr": ("log", 1e-3, 0.5), "damping": ("log", 1e-4, 1e-1)})
-class KFAC(GlobalStepOptimizer):
+class KFAC(LayerHookOptimizer):
     """K-FAC (Martens & Grosse 2015, "Optimizing Neural Networks with Kronecker-factored Approximate
     Curvature", arXiv 1503.05671; convolutions as KFC, Grosse & Martens 2016, arXiv 1602.01407), with the
     step of the widely used alecwangcq/KFAC-Pytorch (KL clipping, momentum, weight decay).
@@ -226,27 +257,6 @@ class KFAC(GlobalStepOptimizer):
                             layer, grad, dtype, self.param_groups[0]["batch_averaged"]))
                 output.register_hook(grad_hook)
         return forward_hook
-
-    def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (no more statistics are captured)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def clear_stats(self) -> None:
-        """Drop the statistics captured since the last step."""
-        for layer in self.layers:
-            layer.pending_a.clear()
-            layer.pending_g.clear()
-
-    # -------------------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        try:
-            return super().step(closure)
-        finally:
-            self.clear_stats()
 
     def _layer_init(self, i: int) -> dict[str, Tensor]:
         layer = self.layers[i]

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import checks
-from ..core.global_step import GlobalStepOptimizer
 from ..core.precision import working_dtype
 from ..core.registry import register
-from .kfac import Layer, supported
+from .kfac import Layer, LayerHookOptimizer, supported
 
 __all__ = ["MKOR", "activation_vector", "output_grad_vector", "sherman_morrison_update", "stabilize"]
 
@@ -96,7 +95,7 @@ def output_grad_vector(layer: Layer, g: Tensor, dtype: torch.dtype, clip: float 
           state_words=1, needs=("matrix-params", "model"),
           example_kwargs={"lr": 0.05, "momentum": 0.9},
           search_space={"lr": ("log", 1e-3, 0.5), "stat_decay": ("uniform", 0.8, 0.99)})
-class MKOR(GlobalStepOptimizer):
+class MKOR(LayerHookOptimizer):
     """MKOR (Mozaffari, Li, Zhang, Dehnavi 2023, "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer
     Using Rank-1 Updates", NeurIPS 2023, arXiv 2306.01685), Algorithm 1 of the paper.
 
@@ -219,27 +218,6 @@ class MKOR(GlobalStepOptimizer):
                     layer.pending_g.append(output_grad_vector(layer, grad, dtype, clip))
                 output.register_hook(grad_hook)
         return forward_hook
-
-    def remove_hooks(self) -> None:
-        """Detach the optimizer from the model (no more statistics are captured)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def clear_stats(self) -> None:
-        """Drop the vectors captured since the last step."""
-        for layer in self.layers:
-            layer.pending_a.clear()
-            layer.pending_g.clear()
-
-    # -------------------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        try:
-            return super().step(closure)
-        finally:
-            self.clear_stats()
 
     def _layer_init(self, i: int) -> dict[str, Tensor]:
         layer, st = self.layers[i], self.layer_state[i]
