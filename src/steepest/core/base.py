@@ -131,7 +131,7 @@ class Optimizer(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.skipped_steps = 0
         self._kernels: dict[tuple, Callable | None] = {}
-        self._scratch_cache: dict[tuple, dict[str, Tensor]] = {}
+        self._scratch_cache: dict[tuple, dict[str, list[Tensor]]] = {}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------- validation
@@ -385,22 +385,30 @@ class Optimizer(torch.optim.Optimizer):
         for start in range(0, len(idx), _FUSE_CHUNK):
             chunk = idx[start:start + _FUSE_CHUNK]
             pad = _FUSE_CHUNK - len(chunk)
-            ps = [params[i].view(-1) for i in chunk] + [scratch["param"]] * pad
-            gs = [grads[i].view(-1) for i in chunk] + [scratch["grad"]] * pad
-            st = {k: [v[i].view(-1) for i in chunk] + [scratch[k]] * pad for k, v in states.items()}
+            # Detached views: a Parameter's requires_grad would otherwise be a guard that the padded chunks
+            # (scratch tensors need no grad) fail, recompiling the kernel.
+            ps = [params[i].detach().view(-1) for i in chunk] + scratch["param"][:pad]
+            gs = [grads[i].view(-1) for i in chunk] + scratch["grad"][:pad]
+            st = {k: [v[i].view(-1) for i in chunk] + scratch[k][:pad] for k, v in states.items()}
             if not kernel(ps, gs, st, tscalars, twd):
                 break
             done.extend(chunk)
         return done
 
-    def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Two-element stand-ins that pad the last chunk of a fused call (their values are never read)."""
+    def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """Two-element stand-ins that pad the last chunk of a fused call (their values are never read).
+
+        Each pad slot has its own tensor: repeating one tensor would make the inputs alias each other, and
+        the compiled graph would then guard on (and recompile for) the aliasing pattern of each chunk.
+        """
         key = (p.device, p.dtype, g.dtype, tuple((k, v.dtype) for k, v in state.items()))
         cache = self._scratch_cache
         if key not in cache:
-            def two(dtype):
-                return torch.zeros(2, dtype=dtype, device=p.device)
-            cache[key] = {"param": two(p.dtype), "grad": two(g.dtype), **{k: two(v.dtype) for k, v in state.items()}}
+            def pads(dtype):
+                # Views, as the real inputs are (flattened views of params, grads and states): the compiled
+                # graph guards on whether an input is a view.
+                return [torch.zeros(2, dtype=dtype, device=p.device).view(-1) for _ in range(_FUSE_CHUNK)]
+            cache[key] = {"param": pads(p.dtype), "grad": pads(g.dtype), **{k: pads(v.dtype) for k, v in state.items()}}
         return cache[key]
 
     # -------------------------------------------------------------------------------- state_dict
