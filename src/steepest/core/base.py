@@ -66,6 +66,17 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
             write_back_(s, w, stochastic)
 
 
+def _flat_alias(t: Tensor) -> Tensor:
+    """A 1-D tensor over t's memory that is not a view and needs no grad.
+
+    The compiled kernel guards on its inputs' metadata, including a view's base (its shape and rank) and
+    requires_grad: flattened views of params of different ranks, or Parameters next to plain scratch
+    tensors, would each fail a guard and recompile. Plain aliases make every chunk look alike.
+    """
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
+                                                                 (t.numel(),), (1,))
+
+
 def _fresh_code_copy(fn: Callable, tag: str) -> Callable:
     """A copy of fn with its own code object, so that torch.compile keeps a separate cache for it.
 
@@ -385,11 +396,9 @@ class Optimizer(torch.optim.Optimizer):
         for start in range(0, len(idx), _FUSE_CHUNK):
             chunk = idx[start:start + _FUSE_CHUNK]
             pad = _FUSE_CHUNK - len(chunk)
-            # Detached views: a Parameter's requires_grad would otherwise be a guard that the padded chunks
-            # (scratch tensors need no grad) fail, recompiling the kernel.
-            ps = [params[i].detach().view(-1) for i in chunk] + scratch["param"][:pad]
-            gs = [grads[i].view(-1) for i in chunk] + scratch["grad"][:pad]
-            st = {k: [v[i].view(-1) for i in chunk] + scratch[k][:pad] for k, v in states.items()}
+            ps = [_flat_alias(params[i]) for i in chunk] + scratch["param"][:pad]
+            gs = [_flat_alias(grads[i]) for i in chunk] + scratch["grad"][:pad]
+            st = {k: [_flat_alias(v[i]) for i in chunk] + scratch[k][:pad] for k, v in states.items()}
             if not kernel(ps, gs, st, tscalars, twd):
                 break
             done.extend(chunk)
@@ -405,9 +414,7 @@ class Optimizer(torch.optim.Optimizer):
         cache = self._scratch_cache
         if key not in cache:
             def pads(dtype):
-                # Views, as the real inputs are (flattened views of params, grads and states): the compiled
-                # graph guards on whether an input is a view.
-                return [torch.zeros(2, dtype=dtype, device=p.device).view(-1) for _ in range(_FUSE_CHUNK)]
+                return [torch.zeros(2, dtype=dtype, device=p.device) for _ in range(_FUSE_CHUNK)]
             cache[key] = {"param": pads(p.dtype), "grad": pads(g.dtype), **{k: pads(v.dtype) for k, v in state.items()}}
         return cache[key]
 
