@@ -211,7 +211,7 @@ def test_state_dict_round_trip_on_model_continues_bit_for_bit():
     twin = copy.deepcopy(model)
     opt2 = MKOR(twin, lr=0.5, inner="adam")
     opt2.load_state_dict(sd)
-    assert opt2.mkor_steps == 3 and opt2.param_groups[0]["lr"] == 0.2
+    assert opt2.layer_steps == 3 and opt2.param_groups[0]["lr"] == 0.2
     train(model, opt, 4, x, y)
     train(twin, opt2, 4, x, y)
     for a, b in zip(model.parameters(), twin.parameters()):

@@ -142,6 +142,51 @@ class LayerHookOptimizer(GlobalStepOptimizer):
         finally:
             self.clear_stats()
 
+    # -------------------------------------------------------------------------------------- state_dict
+    # Subclasses name their entry in the state_dict and the shapes of each layer's state.
+    layer_state_key: str = ""
+    layer_state_what: str = ""
+
+    def layer_shapes(self, layer: Layer) -> dict[str, tuple[int, ...]]:
+        """The shape of every per-layer state tensor this optimizer keeps for ``layer``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict plus this optimizer's entry: the step count and each layer's state."""
+        sd = super().state_dict()
+        sd[self.layer_state_key] = {"steps": self.layer_steps, "layers": [dict(st) for st in self.layer_state]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of the same optimizer over the same model; raises before any change if it does not fit."""
+        name, key = type(self).__name__, self.layer_state_key
+        entry = state_dict.get(key) if isinstance(state_dict, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("steps"), numbers.Integral) or \
+                not isinstance(entry.get("layers"), list):
+            raise ValueError(f"{name}: the state_dict has no {key!r} entry ({self.layer_state_what}): it is not "
+                             f"from a {name}")
+        if len(entry["layers"]) != len(self.layers):
+            raise ValueError(f"{name}: the state_dict holds {len(entry['layers'])} layers, this optimizer hooks "
+                             f"{len(self.layers)}: another model layout")
+        for i, (layer, st) in enumerate(zip(self.layers, entry["layers"])):
+            if not st:
+                continue
+            shapes = self.layer_shapes(layer)
+            if set(st) != set(shapes):
+                raise ValueError(f"{name}: layer {i} of the state_dict has keys {sorted(st)}, expected "
+                                 f"{sorted(shapes)}")
+            for k, shape in shapes.items():
+                if not isinstance(st[k], Tensor) or tuple(st[k].shape) != shape:
+                    raise ValueError(f"{name}: {k} of layer {i} has the wrong shape (expected {shape}): another "
+                                     f"model layout")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != key})
+        self.layer_steps = int(entry["steps"])
+        self.layer_state = []
+        for layer, st in zip(self.layers, entry["layers"]):
+            dtype, dev = working_dtype(layer.weight.dtype), layer.weight.device
+            self.layer_state.append({k: v.detach().to(device=dev, dtype=dtype, copy=True) for k, v in st.items()})
+        self.clear_stats()
+
 
 @register("kfac", family="matrix",
           paper="Martens & Grosse 2015, Optimizing Neural Networks with Kronecker-factored Approximate Curvature; "
@@ -185,7 +230,7 @@ class KFAC(LayerHookOptimizer):
     and, per layer, A, G and their eigenvectors and eigenvalues (in the weight's working dtype: float32 for
     16-bit weights, whatever ``state_dtype`` says), saved under ``state_dict()["kfac"]``.
 
-    Statistics: every forward pass run with gradients enabled while a factor update is due (kfac_steps %
+    Statistics: every forward pass run with gradients enabled while a factor update is due (layer_steps %
     T_cov == 0) adds to the next step's A statistics, every backward pass through a hooked layer while
     ``acc_stats`` is True to its G statistics (several passes before one step are averaged); ``step`` uses
     and clears them. By default G is the empirical Fisher (the loss's own backward pass). For the authors'
@@ -221,7 +266,7 @@ class KFAC(LayerHookOptimizer):
                         damping_mode=damping_mode, maximize=maximize)
         is_model = isinstance(model, nn.Module)
         super().__init__(model.parameters() if is_model else model, defaults, **engine)
-        self.kfac_steps = 0
+        self.layer_steps = 0
         self.acc_stats = True
         self.layers: list[Layer] = []
         self.layer_state: list[dict[str, Tensor]] = []
@@ -246,7 +291,7 @@ class KFAC(LayerHookOptimizer):
     # ------------------------------------------------------------------------------------------- hooks
     def _make_hook(self, layer: Layer) -> Callable:
         def forward_hook(module, inputs, output):
-            if not torch.is_grad_enabled() or self.kfac_steps % self.param_groups[0]["T_cov"] != 0:
+            if not torch.is_grad_enabled() or self.layer_steps % self.param_groups[0]["T_cov"] != 0:
                 return
             dtype = working_dtype(layer.weight.dtype)
             layer.pending_a.append(input_covariance(layer, inputs[0], dtype))
@@ -277,7 +322,7 @@ class KFAC(LayerHookOptimizer):
             batch = pending[0] if len(pending) == 1 else torch.stack(pending).mean(0)
             if not bool(torch.isfinite(batch).all()):
                 warnings.warn(f"{type(self).__name__}: the {name} statistics of layer {i} ({layer.module}) are not "
-                              f"finite at step {self.kfac_steps}; that factor keeps its previous value",
+                              f"finite at step {self.layer_steps}; that factor keeps its previous value",
                               RuntimeWarning, stacklevel=4)
                 continue
             st[name].mul_(decay).add_(batch, alpha=1 - decay)
@@ -291,7 +336,7 @@ class KFAC(LayerHookOptimizer):
                 info = 0 if bool(torch.isfinite(evals).all() and torch.isfinite(evecs).all()) else 1
             if info:
                 warnings.warn(f"{type(self).__name__}: the eigendecomposition of factor {f} of layer {i} failed at "
-                              f"step {self.kfac_steps}; the previous one is kept", RuntimeWarning, stacklevel=4)
+                              f"step {self.layer_steps}; the previous one is kept", RuntimeWarning, stacklevel=4)
                 continue
             st[q].copy_(evecs)
             st[d].copy_(evals.clamp(min=0))
@@ -303,10 +348,10 @@ class KFAC(LayerHookOptimizer):
         where = {id(p): (b, i) for b in buckets for i, p in enumerate(b.params)}
         for i in range(len(self.layers)):
             self._layer_init(i)
-        if self.kfac_steps % g0["T_cov"] == 0:
+        if self.layer_steps % g0["T_cov"] == 0:
             for i in range(len(self.layers)):
                 self._update_factors(i, g0["stat_decay"])
-        if self.kfac_steps % g0["T_inv"] == 0:
+        if self.layer_steps % g0["T_inv"] == 0:
             for i in range(len(self.layers)):
                 self._update_inverse(i)
         updates = []  # (weight slot, bias slot or None, natural gradient matrix)
@@ -347,45 +392,16 @@ class KFAC(LayerHookOptimizer):
                 p.add_(d, alpha=-lr)
             b.write_back()
         self.count_step(buckets)
-        self.kfac_steps += 1
+        self.layer_steps += 1
 
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] != 0 else {}
 
-    # -------------------------------------------------------------------------------------- state_dict
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict plus ``"kfac"``: the step count and each layer's factors and eigenbases."""
-        sd = super().state_dict()
-        sd["kfac"] = {"steps": self.kfac_steps, "layers": [dict(st) for st in self.layer_state]}
-        return sd
+    layer_state_key = "kfac"
+    layer_state_what = "step count and layer factors"
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of a KFAC over the same model; raises before any change if it does not fit."""
-        name = type(self).__name__
-        kf = state_dict.get("kfac") if isinstance(state_dict, dict) else None
-        if not isinstance(kf, dict) or not isinstance(kf.get("steps"), numbers.Integral) or \
-                not isinstance(kf.get("layers"), list):
-            raise ValueError(f"{name}: the state_dict has no 'kfac' entry (step count and layer factors): it is not "
-                             f"from a {name}")
-        if len(kf["layers"]) != len(self.layers):
-            raise ValueError(f"{name}: the state_dict holds {len(kf['layers'])} layers, this optimizer hooks "
-                             f"{len(self.layers)}: another model layout")
-        for i, (layer, st) in enumerate(zip(self.layers, kf["layers"])):
-            if not st:
-                continue
-            na, ng = layer.a_dim, layer.g_dim
-            shapes = {"A": (na, na), "G": (ng, ng), "Q_a": (na, na), "d_a": (na,), "Q_g": (ng, ng), "d_g": (ng,)}
-            if set(st) != set(shapes):
-                raise ValueError(f"{name}: layer {i} of the state_dict has keys {sorted(st)}, expected "
-                                 f"{sorted(shapes)}")
-            for k, shape in shapes.items():
-                if not isinstance(st[k], Tensor) or tuple(st[k].shape) != shape:
-                    raise ValueError(f"{name}: {k} of layer {i} has the wrong shape (expected {shape}): another "
-                                     f"model layout")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
-        self.kfac_steps = int(kf["steps"])
-        self.layer_state = []
-        for layer, st in zip(self.layers, kf["layers"]):
-            dtype, dev = working_dtype(layer.weight.dtype), layer.weight.device
-            self.layer_state.append({k: v.detach().to(device=dev, dtype=dtype, copy=True) for k, v in st.items()})
-        self.clear_stats()
+    def layer_shapes(self, layer: Layer) -> dict[str, tuple[int, ...]]:
+        """Factors A, G, their eigenbases Q_a, Q_g and eigenvalues d_a, d_g."""
+        na, ng = layer.a_dim, layer.g_dim
+        return {"A": (na, na), "G": (ng, ng), "Q_a": (na, na), "d_a": (na,), "Q_g": (ng, ng), "d_g": (ng,)}
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -180,7 +179,7 @@ class MKOR(LayerHookOptimizer):
                         maximize=maximize)
         is_model = isinstance(model, nn.Module)
         super().__init__(model.parameters() if is_model else model, defaults, **engine)
-        self.mkor_steps = 0
+        self.layer_steps = 0
         self.stabilized = 0  # how many times the norm-based stabilizer fired (both factors counted)
         self.layers: list[Layer] = []
         self.layer_state: list[dict[str, Tensor]] = []
@@ -204,7 +203,7 @@ class MKOR(LayerHookOptimizer):
 
     # ------------------------------------------------------------------------------------------- hooks
     def _due(self) -> bool:
-        return self.mkor_steps % self.param_groups[0]["inv_freq"] == 0
+        return self.layer_steps % self.param_groups[0]["inv_freq"] == 0
 
     def _make_hook(self, layer: Layer) -> Callable:
         def forward_hook(module, inputs, output):
@@ -236,7 +235,7 @@ class MKOR(LayerHookOptimizer):
             v = v.to(st[name].dtype)
             if not bool(torch.isfinite(v).all()):
                 warnings.warn(f"{type(self).__name__}: the rank-1 vector for {name} of layer {i} ({layer.module}) is "
-                              f"not finite at step {self.mkor_steps}; that inverse factor keeps its value",
+                              f"not finite at step {self.layer_steps}; that inverse factor keeps its value",
                               RuntimeWarning, stacklevel=4)
                 continue
             inv, fired = stabilize(st[name], g0["stabilization_factor"], g0["stabilization_threshold"])
@@ -288,7 +287,7 @@ class MKOR(LayerHookOptimizer):
                     p.add_(d, alpha=-lr)
             b.write_back()
         self.count_step(buckets)
-        self.mkor_steps += 1
+        self.layer_steps += 1
 
     def _adam(self, b, i: int, p: Tensor, d: Tensor, lr: float) -> None:
         beta1, beta2 = b.group["betas"]
@@ -304,39 +303,10 @@ class MKOR(LayerHookOptimizer):
             return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] != 0 else {}
 
-    # -------------------------------------------------------------------------------------- state_dict
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state_dict plus ``"mkor"``: the step count and each layer's inverse factors."""
-        sd = super().state_dict()
-        sd["mkor"] = {"steps": self.mkor_steps, "layers": [dict(st) for st in self.layer_state]}
-        return sd
+    layer_state_key = "mkor"
+    layer_state_what = "step count and inverse factors"
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of an MKOR over the same model; raises before any change if it does not fit."""
-        name = type(self).__name__
-        mk = state_dict.get("mkor") if isinstance(state_dict, dict) else None
-        if not isinstance(mk, dict) or not isinstance(mk.get("steps"), numbers.Integral) or \
-                not isinstance(mk.get("layers"), list):
-            raise ValueError(f"{name}: the state_dict has no 'mkor' entry (step count and inverse factors): it is "
-                             f"not from a {name}")
-        if len(mk["layers"]) != len(self.layers):
-            raise ValueError(f"{name}: the state_dict holds {len(mk['layers'])} layers, this optimizer hooks "
-                             f"{len(self.layers)}: another model layout")
-        for i, (layer, st) in enumerate(zip(self.layers, mk["layers"])):
-            if not st:
-                continue
-            shapes = {"L_inv": (layer.g_dim, layer.g_dim), "R_inv": (layer.a_dim, layer.a_dim)}
-            if set(st) != set(shapes):
-                raise ValueError(f"{name}: layer {i} of the state_dict has keys {sorted(st)}, expected "
-                                 f"{sorted(shapes)}")
-            for k, shape in shapes.items():
-                if not isinstance(st[k], Tensor) or tuple(st[k].shape) != shape:
-                    raise ValueError(f"{name}: {k} of layer {i} has the wrong shape (expected {shape}): another "
-                                     f"model layout")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "mkor"})
-        self.mkor_steps = int(mk["steps"])
-        self.layer_state = []
-        for layer, st in zip(self.layers, mk["layers"]):
-            dtype, dev = working_dtype(layer.weight.dtype), layer.weight.device
-            self.layer_state.append({k: v.detach().to(device=dev, dtype=dtype, copy=True) for k, v in st.items()})
-        self.clear_stats()
+    def layer_shapes(self, layer: Layer) -> dict[str, tuple[int, ...]]:
+        """The inverse Kronecker factors L_inv (output side) and R_inv (input side)."""
+        return {"L_inv": (layer.g_dim, layer.g_dim), "R_inv": (layer.a_dim, layer.a_dim)}
+
