@@ -18,6 +18,9 @@ from steepest.optim.shampoo import (
     merge_small_dims,
 )
 
+from . import trajectory
+from .trajectory import grad_fn
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -33,24 +36,12 @@ STEPS = 24
 
 
 def make_arrays(seed=0, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in shapes]
-
-
-def grad_fn(i, x, t):
-    """A smooth loss's gradient plus a step-dependent disturbance, so that gradient directions keep changing."""
-    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
-    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
+    return trajectory.make_arrays(shapes, seed)
 
 
 def run_torch(arrays, steps=STEPS, **kwargs):
-    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
-    opt = steepest.Shampoo(params, **kwargs)
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = torch.from_numpy(grad_fn(i, p.detach().numpy(), t))
-        opt.step()
-    return [p.detach().numpy() for p in params], opt
+    out, opt, _ = trajectory.run_torch_full(lambda ps: steepest.Shampoo(ps, **kwargs), arrays, steps)
+    return out, opt
 
 
 # ------------------------------------------------------------------------------------ the NumPy transcription

@@ -12,6 +12,9 @@ import torch
 import steepest
 from steepest.optim.soap import soap_merge_shape
 
+from . import trajectory
+from .trajectory import grad_fn
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -29,23 +32,12 @@ STEPS = 24
 
 
 def make_arrays(seed=0, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in shapes]
-
-
-def grad_fn(i, x, t):
-    scale = np.linspace(0.5, 2.0 + i, x.size).reshape(x.shape)
-    return 2 * scale * (x - 0.3) + 0.3 * np.cos(3 * x) + 0.5 * np.sin(0.7 * t + np.arange(x.size).reshape(x.shape))
+    return trajectory.make_arrays(shapes, seed)
 
 
 def run_torch(arrays, steps=STEPS, **kwargs):
-    params = [torch.nn.Parameter(torch.tensor(a, dtype=torch.float64)) for a in arrays]
-    opt = steepest.SOAP(params, **kwargs)
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = torch.from_numpy(grad_fn(i, p.detach().numpy(), t))
-        opt.step()
-    return [p.detach().numpy() for p in params], opt
+    out, opt, _ = trajectory.run_torch_full(lambda ps: steepest.SOAP(ps, **kwargs), arrays, steps)
+    return out, opt
 
 
 # ------------------------------------------------------------------------------------ the NumPy transcription
