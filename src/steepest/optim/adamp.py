@@ -44,7 +44,10 @@ def _decay_and_step(p, perturb, ratio, lr, wd_coef, step_size):
             p.mul_(1.0 - wd_coef)
         else:
             p.mul_(1.0 - wd_coef * ratio)
-    p.add_(perturb * -step_size)
+    if isinstance(step_size, torch.Tensor):
+        p.add_(perturb * -step_size)
+    else:
+        p.add_(perturb, alpha=-step_size)  # no temporary: a parameter-sized one per tensor costs page faults
 
 
 def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, bias_correction1,
@@ -63,7 +66,7 @@ def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, b
         num = exp_avg
     step_size = lr / bias_correction1
     for p, g, n, d in zip(params, grads, num, denom):
-        perturb, ratio = _project(p, g, n / d, delta, wd_ratio, eps)
+        perturb, ratio = _project(p, g, torch.div(n, d, out=d), delta, wd_ratio, eps)  # denom is scratch
         _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
 
 
