@@ -36,7 +36,7 @@ class BadSpaceSGD(torch.optim.SGD):
 
 
 def _slow(name: str) -> Workload:
-    """The least-squares workload under another name, ~0.4 s per trial (so that two workers share a queue), and
+    """The least-squares workload under another name, ~0.8 s per trial (so that two workers share a queue), and
     logging every trial it trains to the file $STEEPEST_TEST_RUNLOG (to count how often each trial runs)."""
     import dataclasses
     import os
@@ -53,7 +53,7 @@ def _slow(name: str) -> Workload:
         return build(seed)
 
     def slow_evaluate(model):
-        time.sleep(0.05)
+        time.sleep(0.1)
         return evaluate(model)
 
     return dataclasses.replace(w, name=name, build=logged_build, evaluate=slow_evaluate)
