@@ -121,6 +121,38 @@ class LayerHookOptimizer(GlobalStepOptimizer):
     layers: list[Layer]
     _handles: list[Any]
 
+    def _attach(self, model, defaults: dict[str, Any], engine: dict[str, Any], fallback: str) -> None:
+        """Build the optimizer over ``model``'s parameters and hook its real Linear and Conv2d layers.
+
+        A bare parameter list is accepted (with a warning): nothing is hooked and every parameter takes
+        ``fallback``.
+        """
+        is_model = isinstance(model, nn.Module)
+        GlobalStepOptimizer.__init__(self, model.parameters() if is_model else model, defaults, **engine)
+        self.layer_steps = 0
+        self.layers = []
+        self.layer_state: list[dict[str, Tensor]] = []
+        self._handles = []
+        if not is_model:
+            warnings.warn(f"{type(self).__name__} was given parameters, not the model: no layer is hooked and every "
+                          f"parameter takes {fallback}; pass the nn.Module to precondition its Linear and Conv2d "
+                          f"layers", UserWarning, stacklevel=3)
+            return
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        for module in model.modules():
+            if not supported(module) or id(module.weight) not in owned:
+                continue
+            if module.weight.is_complex() or not module.weight.is_floating_point():
+                raise TypeError(f"{type(self).__name__}: layer {module} has {module.weight.dtype} weights; it "
+                                f"needs real floating-point layers")
+            self.layers.append(Layer(module))
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        self.layer_state = [{} for _ in self.layers]
+
+    def _make_hook(self, layer: Layer) -> Callable:
+        raise NotImplementedError
+
     def remove_hooks(self) -> None:
         """Detach the optimizer from the model (no more statistics are captured)."""
         for h in self._handles:
@@ -264,29 +296,8 @@ class KFAC(LayerHookOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, stat_decay=stat_decay,
                         damping=damping, kl_clip=kl_clip, T_cov=T_cov, T_inv=T_inv, batch_averaged=batch_averaged,
                         damping_mode=damping_mode, maximize=maximize)
-        is_model = isinstance(model, nn.Module)
-        super().__init__(model.parameters() if is_model else model, defaults, **engine)
-        self.layer_steps = 0
         self.acc_stats = True
-        self.layers: list[Layer] = []
-        self.layer_state: list[dict[str, Tensor]] = []
-        self._handles: list[Any] = []
-        if not is_model:
-            warnings.warn(f"{type(self).__name__} was given parameters, not the model: no layer is hooked and every "
-                          f"parameter takes the SGD-momentum fallback; pass the nn.Module to precondition its "
-                          f"Linear and Conv2d layers", UserWarning, stacklevel=2)
-            return
-        owned = {id(p) for g in self.param_groups for p in g["params"]}
-        for module in model.modules():
-            if not supported(module) or id(module.weight) not in owned:
-                continue
-            if module.weight.is_complex() or not module.weight.is_floating_point():
-                raise TypeError(f"{type(self).__name__}: layer {module} has {module.weight.dtype} weights; K-FAC "
-                                f"needs real floating-point layers")
-            self.layers.append(Layer(module))
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
-        self.layer_state = [{} for _ in self.layers]
+        self._attach(model, defaults, engine, fallback="the SGD-momentum fallback")
 
     # ------------------------------------------------------------------------------------------- hooks
     def _make_hook(self, layer: Layer) -> Callable:

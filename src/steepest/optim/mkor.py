@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..core import checks
 from ..core.precision import working_dtype
 from ..core.registry import register
-from .kfac import Layer, LayerHookOptimizer, supported
+from .kfac import Layer, LayerHookOptimizer
 
 __all__ = ["MKOR", "activation_vector", "output_grad_vector", "sherman_morrison_update", "stabilize"]
 
@@ -177,29 +177,8 @@ class MKOR(LayerHookOptimizer):
                         inv_freq=inv_freq, stabilization_factor=stabilization_factor,
                         stabilization_threshold=stabilization_threshold, clipping_value=clipping_value, inner=inner,
                         maximize=maximize)
-        is_model = isinstance(model, nn.Module)
-        super().__init__(model.parameters() if is_model else model, defaults, **engine)
-        self.layer_steps = 0
         self.stabilized = 0  # how many times the norm-based stabilizer fired (both factors counted)
-        self.layers: list[Layer] = []
-        self.layer_state: list[dict[str, Tensor]] = []
-        self._handles: list[Any] = []
-        if not is_model:
-            warnings.warn(f"{type(self).__name__} was given parameters, not the model: no layer is hooked and every "
-                          f"parameter takes the inner {inner!r} step; pass the nn.Module to precondition its Linear "
-                          f"and Conv2d layers", UserWarning, stacklevel=2)
-            return
-        owned = {id(p) for g in self.param_groups for p in g["params"]}
-        for module in model.modules():
-            if not supported(module) or id(module.weight) not in owned:
-                continue
-            if module.weight.is_complex() or not module.weight.is_floating_point():
-                raise TypeError(f"{type(self).__name__}: layer {module} has {module.weight.dtype} weights; MKOR "
-                                f"needs real floating-point layers")
-            self.layers.append(Layer(module))
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
-        self.layer_state = [{} for _ in self.layers]
+        self._attach(model, defaults, engine, fallback=f"the inner {inner!r} step")
 
     # ------------------------------------------------------------------------------------------- hooks
     def _due(self) -> bool:
