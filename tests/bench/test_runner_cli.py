@@ -102,6 +102,20 @@ def test_suite_goes_on_when_an_optimizer_diverges(tmp_path):
     assert cell.n_trials == 4 and 0 <= cell.divergence_fraction <= 1
 
 
+def test_trials_that_raise_are_listed_apart_from_numerical_divergence(tmp_path):
+    from steepest.bench.report import write_report
+
+    res = run_suite(["tests.bench.userwl:make_workload"], ["tests.bench.userwl:CrashingSGD", "sgd"], 2, 1, 1,
+                    Store(tmp_path / "f.db"), progress=False)
+    crashed = [r for r in res.records.values() if r.optimizer.endswith("CrashingSGD")]
+    assert len(crashed) == 2 and all(r.diverged and r.error.startswith("raised NotImplementedError") for r in crashed)
+    assert all(not r.error for r in res.records.values() if r.optimizer == "sgd")
+    md = (write_report(res, tmp_path / "rep", plots=False).parent / "report.md").read_text()
+    assert "2 trial(s) in 1 cell(s) raised an exception" in md
+    table = md.split("## Failed trials")[1]
+    assert "CrashingSGD | 2 | NotImplementedError: this optimizer cannot step a third time" in table
+
+
 def test_ray_engine_optional(tmp_path):
     """Ray is an optional extra: without it, a clear message; with it, the same records as the local pool."""
     plan = make_plan([USER], ["adamw"], 2, 1, 1)

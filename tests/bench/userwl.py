@@ -29,6 +29,16 @@ class MySGD(torch.optim.SGD):
     """A user optimizer without a search space (uses the default lr space)."""
 
 
+class CrashingSGD(torch.optim.SGD):
+    """A user optimizer whose step raises after two steps (an operation it does not support)."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 2:
+            raise NotImplementedError("this optimizer cannot step a third time")
+        return super().step(closure)
+
+
 class BadSpaceSGD(torch.optim.SGD):
     """A user optimizer whose search space includes invalid (negative) learning rates."""
 

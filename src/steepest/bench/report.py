@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import measures as M
+from .runner import RAISED
 from .suite import SuiteResult
 from .workloads.base import get_workload
 
@@ -91,6 +92,23 @@ def cell_rows(res: SuiteResult, w: str) -> list[list[str]]:
     return [[c.optimizer, _fmt(c.steps_to_target), _fmt(c.ratio, 3), _fmt(c.seconds_to_target, 3),
              _fmt(c.best_metric), _fmt(c.final_metric), f"{c.divergence_fraction:.2f}", _fmt(c.ms_per_step, 3),
              _fmt(c.state_bytes_per_param, 3), json.dumps(c.best_hparams, sort_keys=True)] for c in cells]
+
+
+FAILED_HEAD = ("workload", "optimizer", "trials that raised", "first error")
+
+
+def failed_rows(res: SuiteResult) -> list[list[str]]:
+    """One row per (workload, optimizer) cell with trials whose training raised an exception.
+
+    Such trials count as diverged in the scores; this table keeps a crash (an unsupported operation, a bug)
+    from passing as a numerical divergence.
+    """
+    cells: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for p in res.plan:
+        r = res.records.get(p.key)
+        if r is not None and r.error.startswith(RAISED):
+            cells[(p.workload, p.optimizer)].append(r.error[len(RAISED):].splitlines()[0])
+    return [[w, o, str(len(errs)), errs[0][:200]] for (w, o), errs in sorted(cells.items())]
 
 
 def text_table(head, rows) -> str:
@@ -304,6 +322,11 @@ def write_report(res: SuiteResult, out: str | Path, plots: bool = True, elapsed_
         verdict += (f" In {len(edges)} of {len(res.cells)} (workload, optimizer) cells the best learning rate lies in "
                     "the top or bottom 10% of the optimizer's search space: that space may be too narrow for the "
                     "problem (see the learning-rate sensitivity plot).")
+    failed = failed_rows(res)
+    if failed:
+        n_failed = sum(int(r[2]) for r in failed)
+        verdict += (f" {n_failed} trial(s) in {len(failed)} cell(s) raised an exception and count as diverged "
+                    "(see Failed trials).")
     md = ["# steepest bench report", "", verdict.replace("**", "**"), "", explain, "", meta, "", "## Summary", "",
           _md_table(SUMMARY_HEAD, summary_rows(res)), "",
           "Files: `results.csv` (one row per trial), `scores.csv` (one row per optimizer).", ""]
@@ -312,6 +335,9 @@ def write_report(res: SuiteResult, out: str | Path, plots: bool = True, elapsed_
             _html_table(SUMMARY_HEAD, summary_rows(res)),
             "<p>Raw data beside this page: <code>results.csv</code> (one row per trial) and <code>scores.csv</code> "
             "(one row per optimizer), enough to recompute the ranking.</p>"]
+    if failed:
+        md += ["## Failed trials", "", _md_table(FAILED_HEAD, failed), ""]
+        body += ["<h2>Failed trials</h2>", _html_table(FAILED_HEAD, failed)]
     for title, name in images:
         md += [f"## {title}", "", f"![{title}]({name})", ""]
         body.append(f"<h2>{html.escape(title)}</h2>{_img(out / name)}")

@@ -74,8 +74,13 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+# Prefix of the error text of a trial whose training raised (as opposed to one that diverged numerically).
+RAISED = "raised "
+
+
 def execute(p: PlannedTrial) -> TrialResult:
-    """Run one planned trial; an exception inside training is recorded as a failed (diverged) trial."""
+    """Run one planned trial; an exception inside training is recorded as a failed (diverged) trial whose
+    ``error`` starts with ``RAISED`` and names the exception (the report lists such trials)."""
     with one_thread():
         try:
             return run_trial(p.workload_spec, p.optimizer, p.hparams, p.seed, budget=p.budget)
@@ -86,7 +91,7 @@ def execute(p: PlannedTrial) -> TrialResult:
                                steps_to_target=None, seconds_to_target=None, best_metric=math.nan,
                                final_metric=math.nan, diverged=True, ms_per_step=0.0, wall_s=0.0,
                                state_bytes_per_param=0.0, log=[], package_version=package_version(),
-                               error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                               error=f"{RAISED}{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
 
 
 def default_jobs() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -160,7 +161,10 @@ def validate_space(opt: OptimizerSpec) -> None:
         for k, (_, lo, hi) in opt.space.items():
             point[k] = lo if corner == 0.0 else hi
         try:
-            opt.build([torch.zeros(2, requires_grad=True)], point)
+            # Only the hyperparameter checks matter here (e.g. K-FAC's "no model given" warning does not).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.build([torch.zeros(2, requires_grad=True)], point)
         except Exception as err:
             raise ValueError(f"{where}: {opt.cls.__name__} rejects the corner {point} "
                              f"({type(err).__name__}: {err}); narrow the space to its valid range") from err

@@ -106,9 +106,18 @@ def _iter_batches(batches: Iterable) -> Iterator[tuple[int, Any, Any, int]]:
         raise CurvatureError("data holds no batches")
 
 
+def double_backward_attention():
+    """A context in which ``scaled_dot_product_attention`` runs its math kernel.
+
+    The fused attention kernels (flash, memory-efficient) have no double backward, so a forward pass whose
+    gradient is differentiated again (Hessian-vector products, ``backward(create_graph=True)``) must not use
+    them; the math kernel computes the same attention with differentiable primitives.
+    """
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _forward(model: Callable, inputs: Any) -> Any:
-    # Fused attention kernels (flash / memory-efficient) have no double backward: use the math kernel.
-    with sdpa_kernel(SDPBackend.MATH):
+    with double_backward_attention():
         if isinstance(inputs, dict):
             return model(**inputs)
         if isinstance(inputs, (tuple, list)):

@@ -16,6 +16,7 @@ from ..core import multitensor as mt
 from ..core.base import Optimizer
 from ..core.precision import is_low_precision, write_back_
 from ..core.registry import register
+from ..curvature.operators import double_backward_attention
 
 __all__ = ["AdaHessian", "HessianDiagonalOptimizer", "hutchinson_diagonal", "probe_seed", "rademacher_probe"]
 
@@ -142,7 +143,7 @@ class HessianDiagonalOptimizer(Optimizer):
         """One step; ``closure`` re-evaluates the loss and calls ``loss.backward(create_graph=True)``."""
         if closure is None:
             raise self._missing_closure_error()
-        with torch.enable_grad():
+        with torch.enable_grad(), double_backward_attention():
             loss = closure()
         work = self._collect()
         if not work:
