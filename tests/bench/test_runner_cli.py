@@ -102,11 +102,13 @@ def test_suite_goes_on_when_an_optimizer_diverges(tmp_path):
     assert cell.n_trials == 4 and 0 <= cell.divergence_fraction <= 1
 
 
-def test_trials_that_raise_are_listed_apart_from_numerical_divergence(tmp_path):
+def test_trials_that_raise_are_listed_apart_from_numerical_divergence_and_rerun_on_resume(tmp_path, monkeypatch):
     from steepest.bench.report import write_report
+    from tests.bench.userwl import CrashingSGD
 
+    store = Store(tmp_path / "f.db")
     res = run_suite(["tests.bench.userwl:make_workload"], ["tests.bench.userwl:CrashingSGD", "sgd"], 2, 1, 1,
-                    Store(tmp_path / "f.db"), progress=False)
+                    store, progress=False)
     crashed = [r for r in res.records.values() if r.optimizer.endswith("CrashingSGD")]
     assert len(crashed) == 2 and all(r.diverged and r.error.startswith("raised NotImplementedError") for r in crashed)
     assert all(not r.error for r in res.records.values() if r.optimizer == "sgd")
@@ -114,6 +116,15 @@ def test_trials_that_raise_are_listed_apart_from_numerical_divergence(tmp_path):
     assert "2 trial(s) in 1 cell(s) raised an exception" in md
     table = md.split("## Failed trials")[1]
     assert "CrashingSGD | 2 | NotImplementedError: this optimizer cannot step a third time" in table
+    # Once the optimizer supports the operation, resuming runs exactly the trials that raised, in place.
+    sgd_records = {k: r for k, r in res.records.items() if r.optimizer == "sgd"}
+    monkeypatch.setattr(CrashingSGD, "max_steps", 10**6)
+    again = run_suite(["tests.bench.userwl:make_workload"], ["tests.bench.userwl:CrashingSGD", "sgd"], 2, 1, 1,
+                      store, progress=False)
+    assert len(again.records) == 4 and not any(r.error for r in again.records.values())
+    assert all(again.records[k].wall_s == r.wall_s for k, r in sgd_records.items())
+    assert sorted(r.key for r in again.records.values() if r.optimizer.endswith("CrashingSGD")) == sorted(
+        r.key for r in crashed)
 
 
 def test_ray_engine_optional(tmp_path):

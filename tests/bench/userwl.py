@@ -30,11 +30,13 @@ class MySGD(torch.optim.SGD):
 
 
 class CrashingSGD(torch.optim.SGD):
-    """A user optimizer whose step raises after two steps (an operation it does not support)."""
+    """A user optimizer whose step raises after ``max_steps`` steps (an operation it does not support)."""
+
+    max_steps = 2
 
     def step(self, closure=None):
         self.calls = getattr(self, "calls", 0) + 1
-        if self.calls > 2:
+        if self.calls > self.max_steps:
             raise NotImplementedError("this optimizer cannot step a third time")
         return super().step(closure)
 

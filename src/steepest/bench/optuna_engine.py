@@ -146,7 +146,7 @@ def prepare_study(plan: list[PlannedTrial], store: Store, config: dict, storage:
     if created:
         study.set_user_attr("steepest_config", config)
         study.set_user_attr("steepest_version", package_version())
-        done = store.keys()
+        done = store.keys(settled=True)
         for p in todo:
             if p.key not in done:
                 _enqueue(study, p)
@@ -162,7 +162,7 @@ def prepare_study(plan: list[PlannedTrial], store: Store, config: dict, storage:
         raise ValueError(f"Optuna study {name!r} holds another suite ({study.user_attrs.get('steepest_config')}); "
                          "pass another --study-name")
     queued = {t.user_attrs.get(KEY) for t in _trials(study, _state("WAITING"), _state("RUNNING"))}
-    done = store.keys()
+    done = store.keys(settled=True)
     for p in todo:
         if p.key not in done and p.key not in queued:
             _enqueue(study, p)

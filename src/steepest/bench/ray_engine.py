@@ -31,7 +31,7 @@ def run_plan_ray(plan: list[PlannedTrial], store: Store, address: str | None = N
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     remote_execute = ray.remote(num_cpus=1)(execute)
-    done = store.keys()
+    done = store.keys(settled=True)
     todo, seen = [], set(done)
     for p in plan:
         if p.key not in seen:

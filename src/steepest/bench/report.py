@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import measures as M
-from .runner import RAISED
+from .store import RAISED
 from .suite import SuiteResult
 from .workloads.base import get_workload
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from .space import OptimizerSpec
-from .store import Store
+from .store import RAISED, Store
 from .trial import TrialResult, one_thread, package_version, run_trial, trial_key
 from .workloads.base import get_workload
 
@@ -74,10 +74,6 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-# Prefix of the error text of a trial whose training raised (as opposed to one that diverged numerically).
-RAISED = "raised "
-
-
 def execute(p: PlannedTrial) -> TrialResult:
     """Run one planned trial; an exception inside training is recorded as a failed (diverged) trial whose
     ``error`` starts with ``RAISED`` and names the exception (the report lists such trials)."""
@@ -109,7 +105,7 @@ def run_plan(plan: list[PlannedTrial], store: Store, jobs: int = 1, progress: bo
     ``jobs`` > 1 uses a spawn-started process pool with one torch thread per worker. ``max_new`` stops after
     that many new trials (used to test resumption). Returns key -> record for the whole plan.
     """
-    done = store.keys()
+    done = store.keys(settled=True)
     todo, seen = [], set(done)
     for p in plan:
         if p.key not in seen:

@@ -19,6 +19,8 @@ from .trial import TrialResult
 
 SCHEMA = "steepest-bench"
 SCHEMA_VERSION = 1
+# Prefix of the error text of a trial whose training raised (as opposed to one that diverged numerically).
+RAISED = "raised "
 _meta = sa.MetaData()
 _META = sa.Table("steepest_meta", _meta, sa.Column("key", sa.String(64), primary_key=True),
                  sa.Column("value", sa.Text, nullable=False))
@@ -121,13 +123,18 @@ class Store:
                                               {"key": "schema_version", "value": str(SCHEMA_VERSION)}])
         return True
 
-    def keys(self) -> set[str]:
-        """The keys of every stored trial."""
+    def keys(self, settled: bool = False) -> set[str]:
+        """The keys of every stored trial; with ``settled``, only of those that did not raise (a trial that
+        raised, e.g. on an operation a later version supports, is run again on resume)."""
+        q = sa.select(_TRIALS.c.key)
+        if settled:
+            q = q.where(sa.not_(_TRIALS.c.error.startswith(RAISED, autoescape=True)))
         with self.engine.connect() as conn:
-            return set(conn.execute(sa.select(_TRIALS.c.key)).scalars())
+            return set(conn.execute(q).scalars())
 
     def put(self, r: TrialResult) -> None:
-        """Store one finished trial (a second put of the same key is ignored: records are content-addressed)."""
+        """Store one finished trial. A second put of the same key is ignored (records are content-addressed),
+        except that it replaces a record of the same trial that raised."""
         row = r.to_dict()
         row["hparams"] = json.dumps(row["hparams"], sort_keys=True)
         row["log"] = json.dumps(row["log"])
@@ -135,7 +142,10 @@ class Store:
             row[k] = _nan_to_none(row[k])
         try:
             with self.engine.begin() as conn:
-                exists = conn.execute(sa.select(_TRIALS.c.key).where(_TRIALS.c.key == r.key)).first()
+                exists = conn.execute(sa.select(_TRIALS.c.error).where(_TRIALS.c.key == r.key)).first()
+                if exists and exists[0].startswith(RAISED) and not r.error.startswith(RAISED):
+                    conn.execute(_TRIALS.delete().where(_TRIALS.c.key == r.key))
+                    exists = None
                 if not exists:
                     conn.execute(_TRIALS.insert(), [row])
         except sa.exc.IntegrityError:  # another process stored the same trial first: same content, nothing lost
