@@ -327,3 +327,43 @@ def test_sophiag_warns_nothing_in_a_normal_loop():
         warnings.simplefilter("error", RuntimeWarning)
         hist = gnb_mlp_run(20, lr=0.05, rho=0.05)
     assert hist[-1] < hist[0]
+
+
+@pytest.mark.parametrize("name,interval", [("sophiah", 3), ("adahessian", 2), ("oasis", None)])
+def test_create_graph_only_when_due_gives_the_same_trajectory(name, interval):
+    """A closure that builds the double-backward graph only when ``create_graph_due()`` says so steps exactly as
+    one that always builds it; skipping it on a due step is the documented error."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 6, generator=g)
+    x0 = torch.randn(6, generator=g)
+
+    def make(name, x, interval):
+        cls = steepest.get(name).cls
+        return cls([x], lr=0.01) if interval is None else cls([x], lr=0.01, hessian_interval=interval)
+
+    def run(gated):
+        x = torch.nn.Parameter(x0.clone())
+        opt = make(name, x, interval)
+        dues = []
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.tanh(A @ x).pow(2).sum() + x.pow(4).sum()
+            dues.append(opt.create_graph_due())
+            loss.backward(create_graph=dues[-1] if gated else True)
+            return loss
+
+        for _ in range(7):
+            opt.step(closure)
+        return x.detach(), dues
+
+    gated, dues = run(True)
+    always, _ = run(False)
+    assert torch.equal(gated, always)
+    assert dues == [(t - 1) % (interval or 1) == 0 for t in range(1, 8)]
+    x = torch.nn.Parameter(x0.clone())
+    opt = make(name, x, interval)
+    opt.zero_grad()
+    (torch.tanh(A @ x).pow(2).sum()).backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.step(lambda: None)

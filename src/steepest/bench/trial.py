@@ -148,7 +148,9 @@ def _run_trial(workload, optimizer, hparams, seed, budget) -> TrialResult:
             def closure(batch=batch):
                 opt.zero_grad(set_to_none=True)
                 value = w.loss(model, batch)
-                value.backward(create_graph="hvp" in needs)
+                # Methods that refresh their Hessian estimate every k steps need the graph only then.
+                due = getattr(opt, "create_graph_due", None)
+                value.backward(create_graph="hvp" in needs and (due is None or due()))
                 return value
 
             loss = opt.step(closure)

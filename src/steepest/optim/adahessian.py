@@ -105,6 +105,17 @@ class HessianDiagonalOptimizer(Optimizer):
     def _apply_estimate(self, p: Tensor, group: dict[str, Any], est: Tensor) -> None:
         raise NotImplementedError
 
+    def create_graph_due(self) -> bool:
+        """Whether the next ``step`` takes a Hessian-vector product, i.e. needs the closure's gradients with a
+        graph. With a ``hessian_interval`` above 1 the closure can skip the cost of the double-backward graph
+        in between: ``loss.backward(create_graph=opt.create_graph_due())``."""
+        # Parameters that never had a gradient (unused, frozen) have no step count and are left out.
+        stepped = [(group, self.state[p]["step"]) for group in self.param_groups for p in group["params"]
+                   if self.state.get(p)]
+        if not stepped:
+            return any(self.hessian_due(group, 1) for group in self.param_groups)
+        return any(self.hessian_due(group, step + 1) for group, step in stepped)
+
     # ------------------------------------------------------------------------------------ plumbing
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group.get("params", []) if isinstance(param_group, dict) else []
@@ -287,7 +298,9 @@ class AdaHessian(HessianDiagonalOptimizer):
 
     Usage: ``def closure(): opt.zero_grad(); loss = f(); loss.backward(create_graph=True); return loss`` and
     ``opt.step(closure)``. The step replaces each ``p.grad`` by its detached value once the Hessian-vector
-    product is taken (frees the graph and the parameter-gradient reference cycle of ``create_graph``).
+    product is taken (frees the graph and the parameter-gradient reference cycle of ``create_graph``). With
+    ``hessian_interval`` k > 1, ``loss.backward(create_graph=opt.create_graph_due())`` builds the
+    double-backward graph only on the steps that refresh the estimate.
 
     Bad input: no closure -> ValueError; gradients without a graph -> RuntimeError naming
     ``create_graph=True`` (an all-zero gradient passes with a zero estimate); a non-finite Hessian estimate ->

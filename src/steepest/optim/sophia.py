@@ -232,6 +232,9 @@ class SophiaH(_SophiaMixin, HessianDiagonalOptimizer):
     Defaults: lr 1e-4, betas (0.965, 0.99), rho 0.04, weight_decay 0.1 (decoupled), eps 1e-15 (the authors'
     SophiaG), bs 1, hessian_interval 10 (the paper), seed 0. State: exp_avg, hessian (2 words).
 
+    The closure needs the graph only on the steps that refresh h: ``loss.backward(create_graph=
+    opt.create_graph_due())`` skips the double-backward cost on the other k - 1 of every k steps.
+
     Bad input: no closure -> ValueError; gradients without a graph on a step that refreshes h -> RuntimeError
     naming ``create_graph=True`` (an all-zero gradient passes with a zero estimate); a non-finite estimate ->
     RuntimeWarning, that Hessian update is skipped and h kept (``skipped_hessian_updates``).
