@@ -41,7 +41,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="benchmark optimizers on the built-in quick suite (AlgoPerf-style), report with plots",
         description="Tune every optimizer on every workload with quasi-random search (AlgoPerf external tuning), "
                     "measure steps to a frozen target, and write an HTML/Markdown report with results.csv and "
-                    "scores.csv. Re-running resumes: finished trials are read from the store; trials that raised run again.")
+                    "scores.csv. Re-running resumes: finished trials are read from the store; trials that raised "
+                    "run again.")
     p.add_argument("--workloads", "--workload", default=None,
                    help="comma-separated built-in names or import paths pkg.mod:make_workload (default: all built-in)")
     p.add_argument("--optimizers", "--optimizer", default=None,
