@@ -164,6 +164,21 @@ def test_state_dict_round_trip_continues_bit_for_bit(info, via):
     assert same(params, twin)
 
 
+def test_deepcopy_of_optimizer_and_params_continues_bit_for_bit(info):
+    """copy.deepcopy of (params, optimizer) together, as a training snapshot does: the copy keeps every setting
+    (engine options such as skip_nonfinite, counters) and steps exactly as the original."""
+    params, opt = run(info, steps=2, skip_nonfinite=True)
+    opt.skipped_steps = 3
+    params2, opt2 = copy.deepcopy((params, opt))
+    assert opt2.skip_nonfinite is True and opt2.skipped_steps == 3 and opt2.compile == opt.compile
+    assert all(q is not p for p, q in zip(params, params2))
+    assert all(q is r for q, r in zip(params2, opt2.param_groups[0]["params"]))
+    for _ in range(3):
+        opt.step(closure_for(opt, params))
+        opt2.step(closure_for(opt2, params2))
+    assert same(params, params2)
+
+
 def test_state_dict_is_deterministic(info):
     _, o1 = run(info, steps=2)
     _, o2 = run(info, steps=2)

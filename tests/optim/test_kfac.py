@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import steepest
 from steepest.optim.kfac import KFAC
 
 D = torch.float64
@@ -359,3 +360,31 @@ def test_float32_and_bfloat16_models_run():
             train(model, opt, 3, x, y)
         assert all(p.dtype == dtype and torch.isfinite(p.float()).all() for p in model.parameters())
         assert all(v.dtype == torch.float32 for st in opt.layer_state for v in st.values())
+
+
+@pytest.mark.parametrize("name", ["kfac", "mkor"])
+def test_deepcopy_of_model_and_optimizer_hooks_the_copy_to_the_copy(name):
+    """copy.deepcopy((model, opt)): the copied model's hooks feed the copied optimizer, so the two pairs train
+    identically and stepping the copy leaves the original's statistics alone."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    cls = steepest.get(name).cls
+    opt = cls(m, lr=0.1, **({"T_inv": 3, "T_cov": 1} if name == "kfac" else {"inv_freq": 2}))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def step(model, o):
+        o.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        o.step()
+
+    step(m, opt)
+    m2, opt2 = copy.deepcopy((m, opt))
+    steps_before = opt.layer_steps
+    step(m2, opt2)
+    assert opt.layer_steps == steps_before and opt2.layer_steps == steps_before + 1
+    assert all(not layer.pending_a for layer in opt.layers)
+    step(m, opt)
+    for _ in range(10):
+        step(m, opt)
+        step(m2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))

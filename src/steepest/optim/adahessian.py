@@ -88,6 +88,7 @@ class HessianDiagonalOptimizer(Optimizer):
     needs_closure = True
     needs_graph = True
     _needs_prior_estimate = False
+    _transient = ("_probe_generators",)
 
     def __init__(self, params, defaults, **engine):
         super().__init__(params, defaults, **engine)

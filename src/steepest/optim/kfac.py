@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -147,10 +148,13 @@ class LayerHookOptimizer(GlobalStepOptimizer):
                                 f"needs real floating-point layers")
             self.layers.append(Layer(module))
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+            # A partial of a bound method (not a closure): copy.deepcopy of the model and optimizer together
+            # then hooks the copied model to the copied optimizer.
+            self._handles.append(layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)))
         self.layer_state = [{} for _ in self.layers]
 
-    def _make_hook(self, layer: Layer) -> Callable:
+    def _forward_hook(self, layer: Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
+        """Capture ``layer``'s statistics from a forward pass (and, through a tensor hook, its backward pass)."""
         raise NotImplementedError
 
     def remove_hooks(self) -> None:
@@ -300,19 +304,17 @@ class KFAC(LayerHookOptimizer):
         self._attach(model, defaults, engine, fallback="the SGD-momentum fallback")
 
     # ------------------------------------------------------------------------------------------- hooks
-    def _make_hook(self, layer: Layer) -> Callable:
-        def forward_hook(module, inputs, output):
-            if not torch.is_grad_enabled() or self.layer_steps % self.param_groups[0]["T_cov"] != 0:
-                return
-            dtype = working_dtype(layer.weight.dtype)
-            layer.pending_a.append(input_covariance(layer, inputs[0], dtype))
-            if isinstance(output, Tensor) and output.requires_grad:
-                def grad_hook(grad):
-                    if self.acc_stats:
-                        layer.pending_g.append(output_grad_covariance(
-                            layer, grad, dtype, self.param_groups[0]["batch_averaged"]))
-                output.register_hook(grad_hook)
-        return forward_hook
+    def _forward_hook(self, layer: Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not torch.is_grad_enabled() or self.layer_steps % self.param_groups[0]["T_cov"] != 0:
+            return
+        dtype = working_dtype(layer.weight.dtype)
+        layer.pending_a.append(input_covariance(layer, inputs[0], dtype))
+        if isinstance(output, Tensor) and output.requires_grad:
+            def grad_hook(grad):
+                if self.acc_stats:
+                    layer.pending_g.append(output_grad_covariance(
+                        layer, grad, dtype, self.param_groups[0]["batch_averaged"]))
+            output.register_hook(grad_hook)
 
     def _layer_init(self, i: int) -> dict[str, Tensor]:
         layer = self.layers[i]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core import checks
 from ..core.precision import working_dtype
@@ -184,18 +183,16 @@ class MKOR(LayerHookOptimizer):
     def _due(self) -> bool:
         return self.layer_steps % self.param_groups[0]["inv_freq"] == 0
 
-    def _make_hook(self, layer: Layer) -> Callable:
-        def forward_hook(module, inputs, output):
-            if not torch.is_grad_enabled() or not self._due():
-                return
-            dtype = working_dtype(layer.weight.dtype)
-            clip = self.param_groups[0]["clipping_value"]
-            layer.pending_a.append(activation_vector(layer, inputs[0], dtype, clip))
-            if isinstance(output, Tensor) and output.requires_grad:
-                def grad_hook(grad):
-                    layer.pending_g.append(output_grad_vector(layer, grad, dtype, clip))
-                output.register_hook(grad_hook)
-        return forward_hook
+    def _forward_hook(self, layer: Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not torch.is_grad_enabled() or not self._due():
+            return
+        dtype = working_dtype(layer.weight.dtype)
+        clip = self.param_groups[0]["clipping_value"]
+        layer.pending_a.append(activation_vector(layer, inputs[0], dtype, clip))
+        if isinstance(output, Tensor) and output.requires_grad:
+            def grad_hook(grad):
+                layer.pending_g.append(output_grad_vector(layer, grad, dtype, clip))
+            output.register_hook(grad_hook)
 
     def _layer_init(self, i: int) -> dict[str, Tensor]:
         layer, st = self.layers[i], self.layer_state[i]
