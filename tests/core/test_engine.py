@@ -114,6 +114,44 @@ def test_fused_chunks_with_uneven_sizes_match_eager():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_fused_path_follows_replaced_param_and_state_memory():
+    """The compiled path reuses flat aliases of params and states between steps; replacing a param's data,
+    loading a state_dict (new state tensors) or fresh gradients each step must still update the live
+    tensors, exactly as the eager path does."""
+    torch.manual_seed(0)
+    shapes = [(6, 5), (17,), (4, 4), (9,)]
+
+    def run(compile):
+        ps = [torch.nn.Parameter(torch.linspace(-1, 1, torch.Size(s).numel(), dtype=torch.float64).reshape(s))
+              for s in shapes]
+        opt = steepest.AdamW(ps, lr=0.05, weight_decay=0.1, compile=compile)
+
+        def step(t):
+            for p in ps:
+                p.grad = torch.cos(p.detach() * (t + 2))  # a new gradient tensor every step
+            opt.step()
+
+        step(0)
+        step(1)
+        ps[0].data = ps[0].detach() * 0.5 + 0.1  # new memory for a param
+        step(2)
+        sd = opt.state_dict()
+        opt.load_state_dict({"state": {k: {n: (v * 1.5 if torch.is_tensor(v) and v.dim() else v)
+                                            for n, v in st.items()} for k, st in sd["state"].items()},
+                             "param_groups": sd["param_groups"]})  # new state tensors
+        step(3)
+        step(4)
+        return [p.detach().clone() for p in ps], opt.state_dict()
+
+    fused, fused_sd = run(True)
+    eager, eager_sd = run(False)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for k in eager_sd["state"]:
+        for n in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused_sd["state"][k][n], eager_sd["state"][k][n], rtol=1e-12, atol=1e-14)
+
+
 def test_grad_scaler_skips_inf_steps_and_unscales():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)

@@ -24,7 +24,7 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.fx.experimental._config as _fx_config
@@ -75,6 +75,16 @@ def _flat_alias(t: Tensor) -> Tensor:
     """
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
                                                                  (t.numel(),), (1,))
+
+
+class _FusedPlan(NamedTuple):
+    """A bucket's compiled-path layout: the addresses it was made for, the fused indices (largest first) and
+    flat aliases of those params and states, in that order."""
+
+    sig: tuple[int, ...]
+    order: list[int]
+    params: list[Tensor]
+    states: dict[str, list[Tensor]]
 
 
 def _fresh_code_copy(fn: Callable, tag: str) -> Callable:
@@ -145,7 +155,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
-    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_traced", "_scratch_cache")
+    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_traced", "_scratch_cache", "_plans")
     # torch.optim.Optimizer's hook registries: a copy starts without hooks, as torch's optimizers do.
     _hook_attrs: ClassVar[tuple[str, ...]] = (
         "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -156,6 +166,7 @@ class Optimizer(torch.optim.Optimizer):
         self._kernels: dict[tuple, Callable | None] = {}
         self._traced: set[tuple] = set()
         self._scratch_cache: dict[tuple, dict[str, list[Tensor]]] = {}
+        self._plans: dict[tuple, _FusedPlan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups: a deep copy would lose the engine
@@ -316,13 +327,11 @@ class Optimizer(torch.optim.Optimizer):
 
         todo = list(range(len(params)))
         if self._wants_compile(params):
-            # Largest first: the compiled kernel takes its size hints (and so whether to run in parallel
-            # threads) from the first chunk it sees.
-            fused = sorted((i for i in todo if self._fusable(params[i], grads[i], states, i)),
-                           key=lambda i: -params[i].numel())
+            plan = self._fused_plan(group, params, grads, states)
+            fused = plan.order
             if fused:
                 kernel = self._kernel(params[fused[0]], grads[fused[0]], states, options, tuple(scalars))
-                done = set(self._run_fused(kernel, params, grads, states, scalars, wd, fused, device))
+                done = set(self._run_fused(kernel, params, grads, states, scalars, wd, plan, device))
                 todo = [i for i in todo if i not in done]
         for chunk in self._eager_chunks(params, todo):
             _apply_update(type(self).update, [params[i] for i in chunk], [grads[i] for i in chunk],
@@ -357,6 +366,30 @@ class Optimizer(torch.optim.Optimizer):
         if self.compile is True:
             return True
         return sum(p.numel() for p in params) >= _COMPILE_MIN_NUMEL
+
+    def _fused_plan(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: dict[str, list[Tensor]]) -> _FusedPlan:
+        """Which tensors of a bucket the compiled kernel takes, in which order, with flat aliases of the
+        params and states, reused from step to step while every param and state keeps its memory.
+
+        An alias holds its storage, so memory seen here cannot be freed and reused by another tensor while
+        the plan lives: equal addresses mean the same tensors. Gradients are aliased afresh at each step
+        (they are often new tensors, and holding them would keep a model's worth of dead gradients alive).
+        """
+        sig = tuple(p.data_ptr() for p in params) + tuple(t.data_ptr() for v in states.values() for t in v)
+        key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params))
+        plan = self._plans.get(key)
+        if plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.order):
+            return plan
+        # Largest first: the compiled kernel takes its size hints (and so whether to run in parallel threads)
+        # from the first chunk it sees.
+        order = sorted((i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)),
+                       key=lambda i: -params[i].numel())
+        flat = self.elementwise and self.per_tensor
+        plan = _FusedPlan(sig, order, [_flat_alias(params[i]) for i in order] if flat else [],
+                          {k: [_flat_alias(v[i]) for i in order] for k, v in states.items()} if flat else {})
+        self._plans[key] = plan
+        return plan
 
     def _fusable(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], i: int) -> bool:
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
@@ -398,10 +431,11 @@ class Optimizer(torch.optim.Optimizer):
                           f"running the eager path instead", RuntimeWarning, stacklevel=4)
             return False
 
-    def _run_fused(self, kernel, params, grads, states, scalars, wd, idx, device) -> list[int]:
-        """Run the compiled kernel over params[idx]; returns the indices it updated."""
+    def _run_fused(self, kernel, params, grads, states, scalars, wd, plan, device) -> list[int]:
+        """Run the compiled kernel over params[plan.order]; returns the indices it updated."""
         if kernel is None:
             return []
+        idx = plan.order
         sdtype = torch.float32 if device.type == "mps" else torch.float64
         names = list(scalars)
         values = torch.tensor([float(scalars[k]) for k in names] + [float(wd)], dtype=sdtype, device=device)
@@ -424,11 +458,12 @@ class Optimizer(torch.optim.Optimizer):
         scratch = self._scratch(params[idx[0]], grads[idx[0]], {k: v[idx[0]] for k, v in states.items()})
         done = []
         for start in range(0, len(idx), _FUSE_CHUNK):
-            chunk = idx[start:start + _FUSE_CHUNK]
+            end = start + _FUSE_CHUNK
+            chunk = idx[start:end]
             pad = _FUSE_CHUNK - len(chunk)
-            ps = [_flat_alias(params[i]) for i in chunk] + scratch["param"][:pad]
+            ps = plan.params[start:end] + scratch["param"][:pad]
             gs = [_flat_alias(grads[i]) for i in chunk] + scratch["grad"][:pad]
-            st = {k: [_flat_alias(v[i]) for i in chunk] + scratch[k][:pad] for k, v in states.items()}
+            st = {k: v[start:end] + scratch[k][:pad] for k, v in plan.states.items()}
             if not kernel(ps, gs, st, tscalars, twd):
                 break
             done.extend(chunk)
@@ -495,6 +530,7 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{tuple(t.shape)} (parameter shape {tuple(p.shape)}): another layout")
                 exact.append((p, k, v, t.dtype))
         super().load_state_dict(state_dict)
+        self._plans.clear()
         for p, k, v, dtype in exact:
             self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)
         for p in list(self.state):
