@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 import pytest
 import torch
@@ -134,3 +135,9 @@ def test_trains_mlp_with_no_lr_tuning(cls, kwargs, target):
         loss.backward()
         opt.step()
     assert loss.item() < target, loss.item()
+
+
+def test_dadapt_adam_matches_package_when_the_step_runs_in_several_pieces(monkeypatch):
+    """Tensors above the 2**18-element pieces of the eager passes: the piecewise step equals the package's."""
+    monkeypatch.setattr(sys.modules[__name__], "SHAPES", [(700, 500), (3,), (200000,), (100, 1000), (5, 2)])
+    run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.1, decouple=False), steps=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 import pytest
 import torch
@@ -116,3 +117,10 @@ def test_trains_mlp_with_no_lr_tuning():
         opt.step()
     assert loss.item() < 0.05, loss.item()
     assert opt.param_groups[0]["d"] > 1e-3
+
+
+def test_matches_package_when_the_step_runs_in_several_pieces(monkeypatch):
+    """Tensors above the 2**18-element pieces of the eager passes (one is split off alone, small ones share a
+    piece): the piecewise step still equals the package's whole-tensor step."""
+    monkeypatch.setattr(sys.modules[__name__], "SHAPES", [(700, 500), (3,), (200000,), (100, 1000), (5, 2)])
+    run_pair(dict(weight_decay=0.1), steps=5)

@@ -77,6 +77,23 @@ def _flat_alias(t: Tensor) -> Tensor:
                                                                  (t.numel(),), (1,))
 
 
+def chunk_runs(numels: list[int], limit: int = _EAGER_CHUNK_NUMEL) -> list[list[int]]:
+    """Consecutive runs of indices into ``numels`` holding about ``limit`` elements each (a larger tensor is a
+    run of its own): the eager path works run by run so that its temporaries stay a few MB."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, n in enumerate(numels):
+        if current and size + n > limit:
+            runs.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        runs.append(current)
+    return runs
+
+
 class _FusedPlan(NamedTuple):
     """A bucket's compiled-path layout: the addresses it was made for, the fused indices (largest first) and
     flat aliases of those params and states, in that order."""
@@ -348,16 +365,7 @@ class Optimizer(torch.optim.Optimizer):
             return []
         if not self.per_tensor:
             return [idx]
-        chunks, current, size = [], [], 0
-        for i in idx:
-            n = params[i].numel()
-            if current and size + n > _EAGER_CHUNK_NUMEL:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(i)
-            size += n
-        chunks.append(current)
-        return chunks
+        return [[idx[j] for j in run] for run in chunk_runs([params[i].numel() for i in idx])]
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:

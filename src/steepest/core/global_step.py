@@ -13,13 +13,13 @@ from __future__ import annotations
 import numbers
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import multitensor as mt
-from .base import Optimizer
+from .base import Optimizer, chunk_runs
 from .precision import is_low_precision, write_back_
 
 
@@ -53,6 +53,14 @@ def sq_norms(xs: list[Tensor]) -> list[Tensor]:
     return [n * n for n in torch._foreach_norm(xs)] if xs else []
 
 
+class Piece(NamedTuple):
+    """A run of a Bucket's tensors (``p``, ``g`` and states ``s``) of a few MB in all."""
+
+    p: list[Tensor]
+    g: list[Tensor]
+    s: dict[str, list[Tensor]]
+
+
 class Bucket:
     """The params of one group on one device and dtype, as working tensors the update may change in place.
 
@@ -74,6 +82,13 @@ class Bucket:
         self._home_s = {k: [self._real(opt.state[p][k]) for p in params] for k in names}
         self.s = {k: [x.float() if is_low_precision(x.dtype) else x for x in v] for k, v in self._home_s.items()}
         self._stochastic = opt.stochastic_rounding
+
+    def pieces(self) -> list[Piece]:
+        """The bucket's tensors in runs of about 2**18 elements. A pass that makes temporaries (a square root,
+        a difference) goes piece by piece: temporaries as large as the model are returned to the OS after
+        each step and page-faulted back in on the next, and several passes over one piece reuse the cache."""
+        return [Piece([self.p[i] for i in r], [self.g[i] for i in r], {k: [v[i] for i in r] for k, v in self.s.items()})
+                for r in chunk_runs([t.numel() for t in self.p])]
 
     @staticmethod
     def _real(t: Tensor) -> Tensor:

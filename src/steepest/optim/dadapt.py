@@ -79,18 +79,22 @@ class DAdaptAdam(GlobalStepOptimizer):
             decay, eps, r = group["weight_decay"], group["eps"], group["layer_scale"]
             if self.lr(group) == 0:
                 continue
-            g = mt.add(b.g, b.p, alpha=decay) if decay != 0 and not decouple else b.g
-            s, m, v = b.s["s"], b.s["exp_avg"], b.s["exp_avg_sq"]
-            denom = mt.sqrt(v)
-            mt.add_scalar_(denom, eps)
-            acc += r * dlr * total(mt.dots(g, mt.div(s, denom)))
-            mt.mul_(m, beta1)
-            mt.add_(m, g, r * dlr * (1 - beta1))
-            mt.mul_(v, beta2)
-            mt.addcmul_(v, g, g, 1 - beta2)
-            mt.mul_(s, sqrt_beta2)
-            mt.add_(s, g, dlr * (1 - sqrt_beta2))
-            sk_l1 += r * total(l1_norms(s))
+            dots, l1 = [], []
+            for c in b.pieces():
+                g = mt.add(c.g, c.p, alpha=decay) if decay != 0 and not decouple else c.g
+                s, m, v = c.s["s"], c.s["exp_avg"], c.s["exp_avg_sq"]
+                denom = mt.sqrt(v)
+                mt.add_scalar_(denom, eps)
+                dots += mt.dots(g, mt.div(s, denom))
+                mt.mul_(m, beta1)
+                mt.add_(m, g, r * dlr * (1 - beta1))
+                mt.mul_(v, beta2)
+                mt.addcmul_(v, g, g, 1 - beta2)
+                mt.mul_(s, sqrt_beta2)
+                mt.add_(s, g, dlr * (1 - sqrt_beta2))
+                l1 += l1_norms(s)
+            acc += r * dlr * total(dots)
+            sk_l1 += r * total(l1)
         nw = sqrt_beta2 * nw + (1 - sqrt_beta2) * acc
         if sk_l1 == 0:
             for b in buckets:
@@ -103,11 +107,12 @@ class DAdaptAdam(GlobalStepOptimizer):
             group.update(numerator_weighted=nw, d=d, k=k + 1)
         for b in buckets:
             decay, eps = b.group["weight_decay"], b.group["eps"]
-            denom = mt.sqrt(b.s["exp_avg_sq"])
-            mt.add_scalar_(denom, eps)
-            if decay != 0 and decouple:
-                mt.add_(b.p, b.p, -decay * dlr)
-            mt.addcdiv_(b.p, b.s["exp_avg"], denom, -1.0)
+            for c in b.pieces():
+                denom = mt.sqrt(c.s["exp_avg_sq"])
+                mt.add_scalar_(denom, eps)
+                if decay != 0 and decouple:
+                    mt.add_(c.p, c.p, -decay * dlr)
+                mt.addcdiv_(c.p, c.s["exp_avg"], denom, -1.0)
             b.write_back()
         self.count_step(buckets)
 

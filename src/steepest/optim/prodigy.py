@@ -97,16 +97,20 @@ class Prodigy(GlobalStepOptimizer):
                 b.g = mt.add(b.g, b.p, alpha=decay)
             if self.lr(b.group) == 0:
                 continue
-            s, v = b.s["s"], b.s["exp_avg_sq"]
-            delta += (d / d0) * dlr * total(mt.dots(b.g, mt.sub(b.s["p0"], b.p)))
-            if beta1 > 0:
-                mt.mul_(b.s["exp_avg"], beta1)
-                mt.add_(b.s["exp_avg"], b.g, d * (1 - beta1))
-            mt.mul_(v, beta2)
-            mt.addcmul_(v, b.g, b.g, d * d * (1 - beta2))
-            mt.mul_(s, beta3)
-            mt.add_(s, b.g, (d / d0) * d if b.group["safeguard_warmup"] else (d / d0) * dlr)
-            d_denom += total(l1_norms(s))
+            dots, l1 = [], []
+            for c in b.pieces():
+                s, v = c.s["s"], c.s["exp_avg_sq"]
+                dots += mt.dots(c.g, mt.sub(c.s["p0"], c.p))
+                if beta1 > 0:
+                    mt.mul_(c.s["exp_avg"], beta1)
+                    mt.add_(c.s["exp_avg"], c.g, d * (1 - beta1))
+                mt.mul_(v, beta2)
+                mt.addcmul_(v, c.g, c.g, d * d * (1 - beta2))
+                mt.mul_(s, beta3)
+                mt.add_(s, c.g, (d / d0) * d if b.group["safeguard_warmup"] else (d / d0) * dlr)
+                l1 += l1_norms(s)
+            delta += (d / d0) * dlr * total(dots)
+            d_denom += total(l1)
         if d_denom == 0:
             for b in buckets:
                 b.write_back()
@@ -123,13 +127,14 @@ class Prodigy(GlobalStepOptimizer):
             group.update(d_numerator=d_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat, k=k + 1)
         for b in buckets:
             decay, eps = b.group["weight_decay"], b.group["eps"]
-            denom = mt.sqrt(b.s["exp_avg_sq"])
-            mt.add_scalar_(denom, d * eps)
-            if decay != 0 and decouple:
-                mt.add_(b.p, b.p, -decay * dlr)
-            if beta1 > 0:
-                mt.addcdiv_(b.p, b.s["exp_avg"], denom, -dlr)
-            else:
-                mt.addcdiv_(b.p, b.g, denom, -dlr * d)
+            for c in b.pieces():
+                denom = mt.sqrt(c.s["exp_avg_sq"])
+                mt.add_scalar_(denom, d * eps)
+                if decay != 0 and decouple:
+                    mt.add_(c.p, c.p, -decay * dlr)
+                if beta1 > 0:
+                    mt.addcdiv_(c.p, c.s["exp_avg"], denom, -dlr)
+                else:
+                    mt.addcdiv_(c.p, c.g, denom, -dlr * d)
             b.write_back()
         self.count_step(buckets)
