@@ -2,9 +2,9 @@
 
 For each registered elementwise optimizer, on N float32 parameters in T tensors, prints:
 eager and fused ms/step (median after warm-up), first fused step (compile) seconds, the floor
-(bytes read+written per step / measured bandwidth), the ratio to it, the ratio to
-torch.optim.AdamW's default (for-each) step timed interleaved in the same run, and the state bytes
-per parameter actually allocated.
+(bytes read+written per step / measured bandwidth), the ratio to it, the ratios to
+torch.optim.AdamW's default (for-each) step and to its fused step, timed interleaved in the same run,
+and the state bytes per parameter actually allocated.
 
 Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
 word; write p and each state word). The bandwidth is the best of in-place kernels
@@ -111,7 +111,7 @@ def main(argv=None):
         names = args.only.split(",")
         chosen = [steepest.get(n) for n in names]
     head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
-            f"{'fused/fl':>9s} {'eager/tAdamW':>12s} {'fused/tAdamW':>12s} {'state B/p':>9s}")
+            f"{'fused/fl':>9s} {'eager/tAdamW':>12s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s}")
     print(head)
     print("-" * len(head))
     params = make_params(args.numel, args.tensors)
@@ -141,17 +141,22 @@ def main(argv=None):
         ref = torch.optim.AdamW(params, lr=1e-6)
         ref.step()
         candidates["torch AdamW"] = ref.step
+        ref_fused = torch.optim.AdamW(params, lr=1e-6, fused=True)
+        ref_fused.step()
+        candidates["torch fused AdamW"] = ref_fused.step
         ms = time_interleaved(candidates, args.rounds)
         sbytes = state_bytes_per_param(eager, params)
         fused_ms = ms.get("fused", float("nan"))
         print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
               f"{ms['eager'] / floor_ms:9.2f} {fused_ms / floor_ms:9.2f} {ms['eager'] / ms['torch AdamW']:12.2f} "
-              f"{fused_ms / ms['torch AdamW']:12.2f} {sbytes:9.1f}", flush=True)
-        del eager, candidates
+              f"{fused_ms / ms['torch AdamW']:12.2f} {fused_ms / ms['torch fused AdamW']:12.2f} {sbytes:9.1f}",
+              flush=True)
+        del eager, candidates, ref, ref_fused
         if not args.no_fused:
             del fused
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth; torch AdamW = torch.optim.AdamW() default "
-          "(for-each), 7 words/param; ratios are per step, same run, interleaved timing.")
+          "(for-each), 7 words/param; tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, "
+          "interleaved timing.")
 
 
 if __name__ == "__main__":
