@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 
 import pytest
 import torch
@@ -13,31 +12,20 @@ dadaptation = pytest.importorskip("dadaptation")
 
 from steepest.optim.dadapt import DAdaptAdam, DAdaptSGD  # noqa: E402
 
-SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+from .trajectory import PACKAGE_SHAPES, PIECE_SHAPES, set_smooth_grads, torch_params  # noqa: E402
+
 STEPS = 30
 
 
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
-
-
-def set_grads(params, t):
-    """A smooth non-quadratic loss whose gradient changes with the step (deterministic)."""
-    for i, p in enumerate(params):
-        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
-        p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
-
-
-def run_pair(ours_cls, theirs_cls, kwargs, groups=None, steps=STEPS):
-    a, b = make_params(), make_params()
+def run_pair(ours_cls, theirs_cls, kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES):
+    a, b = torch_params(shapes), torch_params(shapes)
     pa, pb = (groups(a), groups(b)) if groups else (a, b)
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Using decoupled weight decay"
         theirs = theirs_cls(pb, **kwargs)
     ours = ours_cls(pa, **kwargs)
     for t in range(steps):
-        set_grads(a, t)
-        set_grads(b, t)
+        set_smooth_grads(a, t)
+        set_smooth_grads(b, t)
         ours.step()
         theirs.step()
         for x, y in zip(a, b):
@@ -91,7 +79,7 @@ def test_dadapt_sgd_matches_package(kwargs):
 
 
 def test_dadapt_sgd_zero_first_gradient_changes_nothing():
-    params = make_params()
+    params = torch_params()
     opt = DAdaptSGD(params, momentum=0.9)
     before = [p.detach().clone() for p in params]
     for p in params:
@@ -103,11 +91,11 @@ def test_dadapt_sgd_zero_first_gradient_changes_nothing():
 
 @pytest.mark.parametrize("cls", [DAdaptAdam, DAdaptSGD])
 def test_groups_with_different_lr_or_shared_option_raise_before_any_change(cls):
-    a = make_params()
+    a = torch_params()
     shared = {"d0": 1e-3}
     for extra in ({"lr": 0.5}, shared):
         opt = cls([{"params": a[:2]}, {"params": a[2:], **extra}])
-        set_grads(a, 0)
+        set_smooth_grads(a, 0)
         before = [p.detach().clone() for p in a]
         with pytest.raises(ValueError, match="lr" if "lr" in extra else "d0"):
             opt.step()
@@ -137,7 +125,7 @@ def test_trains_mlp_with_no_lr_tuning(cls, kwargs, target):
     assert loss.item() < target, loss.item()
 
 
-def test_dadapt_adam_matches_package_when_the_step_runs_in_several_pieces(monkeypatch):
+def test_dadapt_adam_matches_package_when_the_step_runs_in_several_pieces():
     """Tensors above the 2**18-element pieces of the eager passes: the piecewise step equals the package's."""
-    monkeypatch.setattr(sys.modules[__name__], "SHAPES", [(700, 500), (3,), (200000,), (100, 1000), (5, 2)])
-    run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.1, decouple=False), steps=5)
+    run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.1, decouple=False), steps=5,
+             shapes=PIECE_SHAPES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 
 import pytest
 import torch
@@ -13,20 +12,9 @@ prodigyopt = pytest.importorskip("prodigyopt")
 
 from steepest.optim.prodigy import Prodigy  # noqa: E402
 
-SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+from .trajectory import PACKAGE_SHAPES, PIECE_SHAPES, set_smooth_grads, torch_params  # noqa: E402
+
 STEPS = 30
-
-
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
-
-
-def set_grads(params, t):
-    """A smooth non-quadratic loss whose gradient changes with the step (deterministic)."""
-    for i, p in enumerate(params):
-        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
-        p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
 
 
 def package(params, **kwargs):
@@ -48,14 +36,14 @@ CASES = [
 ]
 
 
-def run_pair(kwargs, groups=None, steps=STEPS):
-    a, b = make_params(), make_params()
+def run_pair(kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES):
+    a, b = torch_params(shapes), torch_params(shapes)
     pa, pb = (groups(a), groups(b)) if groups else (a, b)
     ours, theirs = Prodigy(pa, **kwargs), package(pb, **kwargs)
     ds = []
     for t in range(steps):
-        set_grads(a, t)
-        set_grads(b, t)
+        set_smooth_grads(a, t)
+        set_smooth_grads(b, t)
         ours.step()
         theirs.step()
         for x, y in zip(a, b):
@@ -80,9 +68,9 @@ def test_two_groups_with_their_own_eps_and_decay_match_package():
 
 
 def test_groups_with_different_lr_raise_before_any_change():
-    a = make_params()
+    a = torch_params()
     opt = Prodigy([{"params": a[:2]}, {"params": a[2:], "lr": 0.5}])
-    set_grads(a, 0)
+    set_smooth_grads(a, 0)
     before = [p.detach().clone() for p in a]
     with pytest.raises(ValueError, match="lr"):
         opt.step()
@@ -119,8 +107,7 @@ def test_trains_mlp_with_no_lr_tuning():
     assert opt.param_groups[0]["d"] > 1e-3
 
 
-def test_matches_package_when_the_step_runs_in_several_pieces(monkeypatch):
+def test_matches_package_when_the_step_runs_in_several_pieces():
     """Tensors above the 2**18-element pieces of the eager passes (one is split off alone, small ones share a
     piece): the piecewise step still equals the package's whole-tensor step."""
-    monkeypatch.setattr(sys.modules[__name__], "SHAPES", [(700, 500), (3,), (200000,), (100, 1000), (5, 2)])
-    run_pair(dict(weight_decay=0.1), steps=5)
+    run_pair(dict(weight_decay=0.1), steps=5, shapes=PIECE_SHAPES)

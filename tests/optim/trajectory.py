@@ -34,3 +34,22 @@ def run_torch_full(make_opt, arrays, steps, grad=grad_fn):
 def run_torch(make_opt, arrays, steps, grad=grad_fn):
     """The final arrays of :func:`run_torch_full`."""
     return run_torch_full(make_opt, arrays, steps, grad)[0]
+
+
+# Shapes of the lockstep comparisons with the authors' packages; PIECE_SHAPES span several of the eager passes'
+# 2**18-element pieces (one tensor alone, small ones sharing a piece).
+PACKAGE_SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+PIECE_SHAPES = [(700, 500), (3,), (200000,), (100, 1000), (5, 2)]
+
+
+def torch_params(shapes=PACKAGE_SHAPES, seed=0):
+    """float64 Parameters drawn from a seeded torch.Generator, one per shape."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+
+
+def set_smooth_grads(params, t):
+    """A smooth non-quadratic loss's gradient that changes with the step (deterministic), set as p.grad."""
+    for i, p in enumerate(params):
+        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
+        p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
