@@ -9,20 +9,9 @@ schedulefree = pytest.importorskip("schedulefree")
 
 from steepest.optim.schedulefree import AdamWScheduleFree, SGDScheduleFree  # noqa: E402
 
-SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
+from .trajectory import set_smooth_grads, torch_params  # noqa: E402
+
 STEPS = 25
-
-
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
-
-
-def set_grads(params, t):
-    """A smooth non-quadratic loss whose gradient changes with the step (deterministic)."""
-    for i, p in enumerate(params):
-        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
-        p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
 
 
 def assert_same(ours, theirs):
@@ -40,13 +29,13 @@ CASES = [
 
 
 def _run_pair(ours_cls, theirs_cls, kwargs, eval_every=5):
-    a, b = make_params(), make_params()
+    a, b = torch_params(), torch_params()
     ours, theirs = ours_cls(a, **kwargs), theirs_cls(b, **kwargs)
     ours.train()
     theirs.train()
     for t in range(STEPS):
-        set_grads(a, t)
-        set_grads(b, t)
+        set_smooth_grads(a, t)
+        set_smooth_grads(b, t)
         ours.step()
         theirs.step()
         assert_same(a, b)  # train mode: params hold y
@@ -77,7 +66,7 @@ def test_package_defaults_match():
 
 
 def test_two_groups_and_momentum_variants_match_package():
-    a, b = make_params(), make_params()
+    a, b = torch_params(), torch_params()
 
     def groups(ps):
         return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01, "momentum": 0.5, "warmup_steps": 3}]
@@ -86,8 +75,8 @@ def test_two_groups_and_momentum_variants_match_package():
     theirs = schedulefree.SGDScheduleFree(groups(b), lr=0.05, momentum=0.8, weight_decay=0.01)
     theirs.train()
     for t in range(STEPS):
-        set_grads(a, t)
-        set_grads(b, t)
+        set_smooth_grads(a, t)
+        set_smooth_grads(b, t)
         ours.step()
         theirs.step()
         assert_same(a, b)
@@ -97,15 +86,15 @@ def test_two_groups_and_momentum_variants_match_package():
 
 
 def test_eval_train_round_trip_and_step_in_eval_mode_raises():
-    params = make_params()
+    params = torch_params()
     opt = AdamWScheduleFree(params, lr=0.02)
     for t in range(3):
-        set_grads(params, t)
+        set_smooth_grads(params, t)
         opt.step()
     y = [p.detach().clone() for p in params]
     opt.eval()
     assert not all(torch.equal(p, q) for p, q in zip(params, y))
-    set_grads(params, 3)
+    set_smooth_grads(params, 3)
     before = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError, match="train"):
         opt.step()
@@ -118,10 +107,10 @@ def test_eval_train_round_trip_and_step_in_eval_mode_raises():
 
 
 def test_state_dict_in_eval_mode_round_trips():
-    a = make_params()
+    a = torch_params()
     opt = SGDScheduleFree(a, lr=0.05, warmup_steps=3)
     for t in range(4):
-        set_grads(a, t)
+        set_smooth_grads(a, t)
         opt.step()
     opt.eval()
     sd = opt.state_dict()
@@ -132,8 +121,8 @@ def test_state_dict_in_eval_mode_round_trips():
     opt.train()
     opt2.train()
     for t in range(4, 8):
-        set_grads(a, t)
-        set_grads(b, t)
+        set_smooth_grads(a, t)
+        set_smooth_grads(b, t)
         opt.step()
         opt2.step()
     assert all(torch.equal(p, q) for p, q in zip(a, b))
