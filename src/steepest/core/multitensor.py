@@ -148,6 +148,22 @@ def sub(xs: TensorList, ys: TensorList) -> list[Tensor]:
     return list(torch._foreach_sub(xs, ys))
 
 
+def abs_(xs: TensorList) -> None:
+    """xs = |xs| elementwise."""
+    torch._foreach_abs_(xs)
+
+
+def sigmoid_(xs: TensorList) -> None:
+    """xs = sigmoid(xs) elementwise."""
+    if torch.compiler.is_compiling():
+        # The compiler has no lowering for the for-each sigmoid: it would run as a separate eager call over
+        # materialised temporaries, outside the fused kernel.
+        for x in xs:
+            x.sigmoid_()
+    else:
+        torch._foreach_sigmoid_(xs)
+
+
 def clone(xs: TensorList) -> list[Tensor]:
     """Copies of xs."""
     return [x.clone() for x in xs]
@@ -160,9 +176,16 @@ def copy_(xs: TensorList, ys: TensorList) -> None:
 
 def norms(xs: TensorList) -> list[Tensor]:
     """The Euclidean norm of each tensor, as 0-dim tensors."""
+    if torch.compiler.is_compiling():
+        # The for-each norm has no compiler lowering (a separate eager call); the plain norm becomes a
+        # reduction inside the fused kernel.
+        return [torch.linalg.vector_norm(x) for x in xs]
     return list(torch._foreach_norm(xs))
 
 
 def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
     """The inner product <x, y> of each pair, as 0-dim tensors."""
+    if torch.compiler.is_compiling():
+        # torch.dot compiles to an external BLAS call after a separate pass; a product-sum fuses.
+        return [(x * y).sum() for x, y in zip(xs, ys)]
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
@@ -21,8 +19,8 @@ def diffgrad_update(params, grads, exp_avg, exp_avg_sq, previous_grad, *, beta1,
     denom = mt.sqrt(exp_avg_sq)
     mt.add_scalar_(denom, eps)
     friction = mt.sub(previous_grad, grads)
-    torch._foreach_abs_(friction)
-    torch._foreach_sigmoid_(friction)
+    mt.abs_(friction)
+    mt.sigmoid_(friction)
     mt.copy_(previous_grad, grads)
     mt.mul_(friction, exp_avg)
     mt.addcdiv_(params, friction, denom, -step_size)
