@@ -138,6 +138,9 @@ class Optimizer(torch.optim.Optimizer):
     weight_decay_mode: ClassVar[str] = "decoupled"
     # The update reads and writes each element independently, so tensors may be flattened.
     elementwise: ClassVar[bool] = True
+    # Not elementwise, but its only operations across elements are reductions over a whole tensor (norms,
+    # dot products, max): a flattened tensor gives the same numbers, so the fused path may flatten too.
+    whole_tensor_reductions: ClassVar[bool] = False
     # The update couples no two tensors, so the fused path may compile one tensor at a time.
     per_tensor: ClassVar[bool] = True
     # False for methods whose step is not a good torch.compile target (matrix decompositions, host-side
@@ -393,11 +396,15 @@ class Optimizer(torch.optim.Optimizer):
         # from the first chunk it sees.
         order = sorted((i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)),
                        key=lambda i: -params[i].numel())
-        flat = self.elementwise and self.per_tensor
+        flat = self._flattenable()
         plan = _FusedPlan(sig, order, [_flat_alias(params[i]) for i in order] if flat else [],
                           {k: [_flat_alias(v[i]) for i in order] for k, v in states.items()} if flat else {})
         self._plans[key] = plan
         return plan
+
+    @classmethod
+    def _flattenable(cls) -> bool:
+        return cls.per_tensor and (cls.elementwise or cls.whole_tensor_reductions)
 
     def _fusable(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], i: int) -> bool:
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
@@ -454,21 +461,25 @@ class Optimizer(torch.optim.Optimizer):
             ok = kernel([params[i] for i in idx], [grads[i] for i in idx],
                         {k: [v[i] for i in idx] for k, v in states.items()}, tscalars, twd)
             return list(idx) if ok else []
-        if not self.elementwise:
+        if not self._flattenable():
             done = []
             for i in idx:
                 if not kernel([params[i]], [grads[i]], {k: [v[i]] for k, v in states.items()}, tscalars, twd):
                     break
                 done.append(i)
             return done
-        # Elementwise updates run over flattened tensors, _FUSE_CHUNK at a time: fewer calls than one per
-        # tensor, and one compiled graph serves every chunk (the last one is padded with scratch tensors).
+        # Updates that flatten run over flat aliases, so one compiled graph serves tensors of every shape (one
+        # graph per rank and size pattern otherwise, each compiled for seconds). Elementwise ones take
+        # _FUSE_CHUNK tensors per call (fewer calls; the last chunk is padded with scratch tensors).
+        # Whole-tensor reductions take one tensor per call: the compiled kernel runs all of a call's reductions
+        # before its elementwise loops, so one tensor at a time re-reads it from cache, not from memory.
+        size = _FUSE_CHUNK if self.elementwise else 1
         scratch = self._scratch(params[idx[0]], grads[idx[0]], {k: v[idx[0]] for k, v in states.items()})
         done = []
-        for start in range(0, len(idx), _FUSE_CHUNK):
-            end = start + _FUSE_CHUNK
+        for start in range(0, len(idx), size):
+            end = start + size
             chunk = idx[start:end]
-            pad = _FUSE_CHUNK - len(chunk)
+            pad = size - len(chunk)
             ps = plan.params[start:end] + scratch["param"][:pad]
             gs = [_flat_alias(grads[i]) for i in chunk] + scratch["grad"][:pad]
             st = {k: v[start:end] + scratch[k][:pad] for k, v in plan.states.items()}
@@ -478,17 +489,21 @@ class Optimizer(torch.optim.Optimizer):
         return done
 
     def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
-        """Two-element stand-ins that pad the last chunk of a fused call (their values are never read).
+        """Stand-ins that pad the last chunk of a fused call (their values are never read).
 
         Each pad slot has its own tensor: repeating one tensor would make the inputs alias each other, and
         the compiled graph would then guard on (and recompile for) the aliasing pattern of each chunk.
+        Pads of param-sized states have two elements; a state of another fixed size (one number per tensor)
+        keeps that size, which the compiled graph may have specialised on.
         """
-        key = (p.device, p.dtype, g.dtype, tuple((k, v.dtype) for k, v in state.items()))
+        sizes = {k: 2 if v.numel() == p.numel() else v.numel() for k, v in state.items()}
+        key = (p.device, p.dtype, g.dtype, tuple((k, v.dtype, sizes[k]) for k, v in state.items()))
         cache = self._scratch_cache
         if key not in cache:
-            def pads(dtype):
-                return [torch.zeros(2, dtype=dtype, device=p.device) for _ in range(_FUSE_CHUNK)]
-            cache[key] = {"param": pads(p.dtype), "grad": pads(g.dtype), **{k: pads(v.dtype) for k, v in state.items()}}
+            def pads(dtype, n=2):
+                return [torch.zeros(n, dtype=dtype, device=p.device) for _ in range(_FUSE_CHUNK)]
+            cache[key] = {"param": pads(p.dtype), "grad": pads(g.dtype),
+                          **{k: pads(v.dtype, sizes[k]) for k, v in state.items()}}
         return cache[key]
 
     # -------------------------------------------------------------------------------- state_dict

@@ -52,6 +52,7 @@ class Gravity(Optimizer):
     hyperparams = {"lr": checks.nonnegative, "alpha": checks.nonnegative, "beta": checks.unit}
     weight_decay_mode = "custom"
     elementwise = False
+    whole_tensor_reductions = True
     update = staticmethod(gravity_update)
 
     def __init__(self, params, lr=0.1, alpha=0.01, beta=0.9, *, maximize=False, **engine):

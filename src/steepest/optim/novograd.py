@@ -58,6 +58,7 @@ class NovoGrad(Optimizer):
                    "weight_decay": checks.nonnegative, "grad_averaging": checks.boolean}
     weight_decay_mode = "custom"
     elementwise = False
+    whole_tensor_reductions = True
     update = staticmethod(novograd_update)
 
     def __init__(self, params, lr=1e-3, betas=(0.95, 0.98), eps=1e-8, weight_decay=0.0, grad_averaging=False, *,

@@ -79,6 +79,7 @@ class TAM(Optimizer):
                    "eps": checks.nonnegative, "weight_decay": checks.nonnegative}
     weight_decay_mode = "l2"
     elementwise = False
+    whole_tensor_reductions = True
     update = staticmethod(tam_update)
 
     def __init__(self, params, lr=1e-3, momentum=0.9, decay=0.9, eps=1e-8, weight_decay=0.0, *, maximize=False,
