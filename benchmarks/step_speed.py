@@ -7,8 +7,12 @@ torch.optim.AdamW's default (for-each) step and to its fused step, timed interle
 and the state bytes per parameter actually allocated.
 
 Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
-word; write p and each state word). The bandwidth is the best of in-place kernels
-(``a.addcmul_(b, c)``, ``a.lerp_(b, w)``) and torch's fused AdamW per word moved.
+word; write p and each state word). The bandwidth behind each floor is measured on the very tensors the
+step touches (``p.lerp_(g, 0)`` and ``s.lerp_(g, 0)`` for each param-sized state: read two, write one,
+values unchanged), timed interleaved with the steps: on a virtual machine the bandwidth of separately
+allocated buffers can differ by 1.5x, so a floor from other buffers says little about these. The best
+bandwidth of in-place kernels on fresh buffers (``a.addcmul_(b, c)``, ``a.lerp_(b, w)``, torch's fused
+AdamW) is printed for reference.
 
     python benchmarks/step_speed.py                      # 16M params in 40 tensors, every method
     python benchmarks/step_speed.py --numel 4000000 --only adamw,lion --rounds 15
@@ -81,6 +85,20 @@ def _closure():
     return torch.tensor(1.0)
 
 
+def own_stream(opt, params):
+    """A step-sized stream over opt's own buffers: ``x.lerp_(g, 0)`` for the params and every param-sized
+    state (reads x and g, writes x unchanged). Returns the callable and the float32 words it moves."""
+    states = [[s for s in opt.state[p].values() if torch.is_tensor(s) and s.shape == p.shape
+               and s.dtype == p.dtype] for p in params]
+    targets = list(params) + [s for st in states for s in st]
+    sources = [p.grad for p in params] + [p.grad for p, st in zip(params, states) for _ in st]
+
+    def run():
+        with torch.no_grad():
+            torch._foreach_lerp_(targets, sources, 0.0)
+    return run, 3 * sum(t.numel() for t in targets)
+
+
 def time_interleaved(steps: dict, rounds: int) -> dict[str, float]:
     """Median ms of each candidate, timed A, B, C, A, B, C, ... so that drift hits all alike."""
     times = {k: [] for k in steps}
@@ -105,19 +123,19 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
           f"in {args.tensors} tensors")
     listed = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
-    print(f"bandwidth GB/s: {listed} -> floor uses {bw / 1e9:.1f}")
+    print(f"bandwidth on fresh buffers, GB/s: {listed} (best {bw / 1e9:.1f}; floors use each step's own buffers)")
     chosen = [m for m in methods() if m.family in ("first-order", "parameter-free", "schedule-free")]
     if args.only:
         names = args.only.split(",")
         chosen = [steepest.get(n) for n in names]
     head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
-            f"{'fused/fl':>9s} {'eager/tAdamW':>12s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s}")
+            f"{'fused/fl':>9s} {'tFused/fl':>9s} {'eager/tAdamW':>12s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} "
+            f"{'state B/p':>9s}")
     print(head)
     print("-" * len(head))
     params = make_params(args.numel, args.tensors)
     for info in chosen:
         words = 3 + 2 * info.state_words
-        floor_ms = words * 4 * args.numel / bw * 1e3
         kwargs = dict(info.example_kwargs)
         kwargs["lr"] = 1e-6
         needs_closure = getattr(info.cls, "needs_closure", False)
@@ -129,6 +147,7 @@ def main(argv=None):
         step_e = (lambda o=eager: o.step(_closure)) if needs_closure else eager.step
         step_e()
         candidates = {"eager": step_e}
+        streams = {"eager": own_stream(eager, params)}
         first_s = float("nan")
         if not args.no_fused:
             fused = info.cls(params, compile=True, **kwargs)
@@ -138,25 +157,37 @@ def main(argv=None):
             first_s = time.perf_counter() - t
             step_f()
             candidates["fused"] = step_f
+            streams["fused"] = own_stream(fused, params)
+        for k, (run, _) in streams.items():
+            candidates[f"{k} stream"] = run
         ref = torch.optim.AdamW(params, lr=1e-6)
         ref.step()
         candidates["torch AdamW"] = ref.step
         ref_fused = torch.optim.AdamW(params, lr=1e-6, fused=True)
         ref_fused.step()
         candidates["torch fused AdamW"] = ref_fused.step
+        tfused_stream, tfused_moved = own_stream(ref_fused, params)
+        candidates["torch fused stream"] = tfused_stream
         ms = time_interleaved(candidates, args.rounds)
+        # floor = bytes the step must move / bandwidth of the stream over the same buffers
+        floor = {k: words * 4 * args.numel * ms[f"{k} stream"] / (moved * 4) for k, (_, moved) in streams.items()}
         sbytes = state_bytes_per_param(eager, params)
         fused_ms = ms.get("fused", float("nan"))
+        floor_ms = floor.get("fused", floor["eager"])
+        fused_floor = fused_ms / floor["fused"] if "fused" in floor else float("nan")
+        tfused_floor = ms["torch fused AdamW"] / (7 * args.numel * ms["torch fused stream"] / tfused_moved)
         print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
-              f"{ms['eager'] / floor_ms:9.2f} {fused_ms / floor_ms:9.2f} {ms['eager'] / ms['torch AdamW']:12.2f} "
+              f"{ms['eager'] / floor['eager']:9.2f} {fused_floor:9.2f} {tfused_floor:9.2f} "
+              f"{ms['eager'] / ms['torch AdamW']:12.2f} "
               f"{fused_ms / ms['torch AdamW']:12.2f} {fused_ms / ms['torch fused AdamW']:12.2f} {sbytes:9.1f}",
               flush=True)
         del eager, candidates, ref, ref_fused
         if not args.no_fused:
             del fused
-    print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth; torch AdamW = torch.optim.AdamW() default "
-          "(for-each), 7 words/param; tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, "
-          "interleaved timing.")
+    print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
+          "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
+          "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; "
+          "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing.")
 
 
 if __name__ == "__main__":
