@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end on a tiny problem (their numbers are not checked here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_speed_prints_a_row_per_method(monkeypatch, capsys):
+    step_speed = _load("step_speed")
+    # The real measurement allocates three 2**26-float buffers; the table's columns do not depend on it.
+    monkeypatch.setattr(step_speed, "measure_bandwidth", lambda numel: (5e10, {"lerp_": 5e10}))
+    step_speed.main(["--numel", "4096", "--tensors", "4", "--only", "adamw,tam,prodigy", "--rounds", "2"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in
+            (["adamw"], ["tam"], ["prodigy"])}
+    assert set(rows) == {"adamw", "tam", "prodigy"}
+    for name, cells in rows.items():
+        values = [float(c) for c in cells]
+        assert len(values) == 11 and all(v > 0 for v in values[:2] + values[3:]), (name, cells)
+
+
+@pytest.mark.parametrize("argv", [["--blocks", "1", "--dim", "32", "--only", "muon", "--steps", "2"],
+                                  ["--train", "--blocks", "1", "--dim", "32", "--batch", "2", "--context", "8",
+                                   "--only", "muon", "--steps", "2"]])
+def test_matrix_speed_runs(argv, capsys):
+    matrix_speed = _load("matrix_speed")
+    matrix_speed.main(argv)
+    assert "muon" in capsys.readouterr().out
