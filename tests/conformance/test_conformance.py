@@ -11,7 +11,7 @@ import torch
 import steepest  # noqa: F401 - fills the registry
 from steepest.core.registry import methods
 
-from .problem import closure_for, loss_fn, make_opt, make_params, run, snapshot
+from .problem import SHAPES, closure_for, loss_fn, make_opt, make_params, run, snapshot
 
 METHODS = [m for m in methods() if issubclass(m.cls, torch.optim.Optimizer)]
 
@@ -289,6 +289,15 @@ def test_zero_size_and_frozen_params(info):
         opt.step(closure_for(opt, params))
     assert torch.equal(frozen, torch.ones(2, dtype=torch.float64))
     assert empty.shape == (0, 3)
+
+
+def test_zero_dim_param_equals_one_element_param(info):
+    # A learnable scalar (a temperature, a gain) is a 0-dim tensor: it must step as its (1,)-shaped twin.
+    shapes = [s if s != (1,) else () for s in SHAPES]
+    scalar, _ = run(info, steps=4, params=make_params(shapes=shapes))
+    vector, _ = run(info, steps=4)
+    assert scalar[shapes.index(())].shape == ()
+    close([p.reshape(v.shape) for p, v in zip(scalar, vector)], vector, rtol=1e-12, atol=1e-15)
 
 
 def test_tensor_lr_equals_float_lr(info):

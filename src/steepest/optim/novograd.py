@@ -17,7 +17,8 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
     sq = [n * n for n in mt.norms(grads)]
     for v, s in zip(exp_avg_sq, sq):
         v.mul_(beta2_t).add_(s * (1.0 - beta2_t))
-    scaled = [g / (v + eps).sqrt() for g, v in zip(grads, exp_avg_sq)]
+    # v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too.
+    scaled = [g / (v + eps).sqrt().reshape(v.shape[1:]) for g, v in zip(grads, exp_avg_sq)]
     if decay:
         mt.add_(scaled, params, weight_decay)
     mt.mul_(exp_avg, beta1)

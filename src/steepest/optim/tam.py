@@ -24,10 +24,12 @@ def _cosines(xs, ys):
 def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
     """s <- decay s + (1-decay) cos(m, g);  m <- momentum m + ((1 + s)/2 + eps) g  (one s per tensor)."""
     cos = _cosines(momentum_buffer, grads)
-    mt.mul_(momentum_buffer, momentum)
     for m, g, si, c in zip(momentum_buffer, grads, s, cos):
         si.mul_(decay).add_(c * (1.0 - decay))
-        m.add_(g * ((1.0 + si) * 0.5 + eps))
+        # The one-number weight broadcasts inside addcmul_ (no model-sized temporary for the weighted gradient);
+        # dropping s's leading dim of 1 lets it broadcast to 0-dim tensors (and, as (2,), to complex views).
+        weight = (1.0 + si) * 0.5 + eps
+        m.mul_(momentum).addcmul_(g, weight.reshape(weight.shape[1:]))
 
 
 def tam_update(params, grads, momentum_buffer, s, *, lr, momentum, decay, eps):
