@@ -13,34 +13,7 @@ from torch import nn
 
 from steepest.optim.mkor import MKOR, sherman_morrison_update
 
-D = torch.float64
-
-
-class Net(nn.Module):
-    """A tiny MLP with a bias-free second layer and a free scale (which takes the inner optimizer's plain step)."""
-
-    def __init__(self, seed=0, dtype=D):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1 = nn.Linear(4, 6).to(dtype)
-        self.fc2 = nn.Linear(6, 3, bias=False).to(dtype)
-        self.scale = nn.Parameter(torch.linspace(0.8, 1.2, 3, dtype=dtype))
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x))) * self.scale
-
-
-def data(n=8, seed=1, dtype=D):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def train(model, opt, steps, x, y, sign=1.0):
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = sign * F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+from .tiny_mlp import D, Net, data, train
 
 
 # ----------------------------------------------------------------------------------------------- oracles
