@@ -101,7 +101,7 @@ def test_auto_compile_threshold():
                                          ("novograd", {"lr": 0.05, "weight_decay": 0.1}),
                                          ("gravity", {"lr": 0.05, "alpha": 0.0})])
 def test_fused_chunks_with_uneven_sizes_match_eager(name, kwargs):
-    shapes = [(3, 5), (17,), (2, 2, 2), (9,), (4, 4), (11,), (6,), (5, 3), (7,), (13,)]  # 10 tensors: 8 + 2 padded
+    shapes = [(3, 5), (17,), (2, 2, 2), (9,), (4, 4), (11,), (6,), (5, 3), (7,), (13,)]  # full and padded chunks
     assert steepest.get(name).cls._flattenable()
     def run(compile):
         ps = [torch.nn.Parameter(torch.linspace(-1, 1, torch.Size(s).numel(), dtype=torch.float64).reshape(s))
