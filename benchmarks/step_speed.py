@@ -99,9 +99,14 @@ def own_stream(opt, params):
     return run, 3 * sum(t.numel() for t in targets)
 
 
-def time_interleaved(steps: dict, rounds: int) -> dict[str, float]:
-    """Median ms of each candidate, timed A, B, C, A, B, C, ... so that drift hits all alike."""
+def time_interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each candidate, timed A, B, C, A, B, C, ... so that drift hits all alike, after `warmup`
+    untimed rounds (the first steps in a process page-fault their temporaries in until the C allocator has
+    grown its thresholds)."""
     times = {k: [] for k in steps}
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
     for _ in range(rounds):
         for k, fn in steps.items():
             t = time.perf_counter()
@@ -119,6 +124,11 @@ def main(argv=None):
     ap.add_argument("--no-fused", action="store_true", help="skip the compiled path")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    # glibc serves blocks above its mmap threshold with fresh pages, so a step's temporaries page-fault in on
+    # every step, until freeing such a block raises the threshold; a training process has long done that
+    # (activations, gradients). Without this, whichever step runs first here pays for it (torch.optim.AdamW's
+    # for-loop step measured 2.4x slower in the first row than in the others).
+    torch.empty(2 * args.numel // args.tensors).fill_(0.0)
     bw, rates = measure_bandwidth(args.numel)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
           f"in {args.tensors} tensors")
