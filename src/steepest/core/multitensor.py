@@ -100,6 +100,13 @@ def lerp_(xs: TensorList, ys: TensorList, weight: Scalar) -> None:
         torch._foreach_lerp_(xs, ys, weight)
 
 
+def lerp(xs: TensorList, ys: TensorList, weight: Scalar) -> list[Tensor]:
+    """xs + weight * (ys - xs), a new list: (1 - weight) xs + weight ys in one pass."""
+    if _is_tensor(weight):
+        return [x + (y - x) * weight for x, y in zip(xs, ys)]
+    return list(torch._foreach_lerp(xs, ys, weight))
+
+
 def addcmul_(xs: TensorList, a: TensorList, b: TensorList, value: Scalar = 1.0) -> None:
     """xs += value * a * b."""
     if _is_tensor(value):
