@@ -28,7 +28,8 @@ def test_step_speed_prints_a_row_per_method(monkeypatch, capsys):
     assert set(rows) == {"adamw", "tam", "prodigy"}
     for name, cells in rows.items():
         values = [float(c) for c in cells]
-        assert len(values) == 12 and all(v > 0 for v in values[:2] + values[3:]), (name, cells)
+        # floor ms (the fourth cell) of a 4096-element step can print as 0.00; every ratio and time is positive
+        assert len(values) == 12 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
 
 
 @pytest.mark.parametrize("argv", [["--blocks", "1", "--dim", "32", "--only", "muon", "--steps", "2"],
