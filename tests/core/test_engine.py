@@ -85,6 +85,97 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("compile", [True, "background"])
+def test_compile_failure_falls_back_to_eager_in_either_mode(monkeypatch, compile):
+    def broken(*args, **kwargs):
+        def fn(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+    opt = steepest.AdamW([p], lr=0.1, compile=compile)
+    ref = steepest.AdamW([q], lr=0.1, compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        for _ in range(3):
+            p.grad = torch.arange(8.0, dtype=torch.float64)
+            q.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+            opt.wait_compiled(60)
+    assert torch.equal(p, q) and not opt._pending
+
+
+def _offset_params(shapes, dtype=torch.float64):
+    """Parameters that are views into one flat buffer (as with flattened-parameter wrappers): most have a
+    non-zero storage offset."""
+    flat = torch.linspace(-1, 1, sum(torch.Size(s).numel() for s in shapes), dtype=dtype)
+    params, offset = [], 0
+    for s in shapes:
+        n = torch.Size(s).numel()
+        params.append(torch.nn.Parameter(flat[offset:offset + n].view(s)))
+        offset += n
+    return params
+
+
+SHAPES_10 = [(30, 20), (17,), (5, 4, 2), (100,), (4, 4), (13,), (6,), (5, 3), (7,), (16, 16)]
+
+
+def _train(params, opt, steps, start=0):
+    for t in range(start, start + steps):
+        for p in params:
+            p.grad = torch.cos(p.detach() * (t + 2))
+        opt.step()
+
+
+def test_background_compile_steps_eager_until_ready_then_fused():
+    from torch._dynamo.utils import counters
+
+    ref = _offset_params(SHAPES_10)
+    ref_opt = steepest.AdamW(ref, lr=0.05, weight_decay=0.1, compile=False)
+    _train(ref, ref_opt, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    params = _offset_params(SHAPES_10)
+    opt = steepest.AdamW(params, lr=0.05, weight_decay=0.1, compile="background")
+    _train(params, opt, 1)
+    # The first step ran eager while the kernel compiles on stand-ins: bit for bit the eager step.
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+    assert opt.wait_compiled(120) and opt._pending
+    _train(params, opt, 4, start=1)
+    _train(ref, ref_opt, 4, start=1)
+    assert not opt._pending and len(opt._traced) == 1
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "every shape and storage offset share one graph"
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_params_with_storage_offsets_share_one_graph():
+    from torch._dynamo.utils import counters
+
+    params = _offset_params(SHAPES_10)
+    opt = steepest.AdamW(params, lr=0.05, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    _train(params, opt, 3)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_background_compile_survives_deepcopy_while_pending():
+    import copy
+
+    params = _offset_params(SHAPES_10)
+    opt = steepest.AdamW(params, lr=0.05, compile="background")
+    _train(params, opt, 1)
+    params2, opt2 = copy.deepcopy((params, opt))
+    assert opt2.compile == "background" and not opt2._pending
+    for t in (1, 2):
+        _train(params2, opt2, 1, start=t)
+        opt2.wait_compiled(120)
+        _train(params, opt, 1, start=t)
+    for a, b in zip(params, params2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_auto_compile_threshold():
     small = steepest.AdamW([torch.nn.Parameter(torch.ones(10))])
     assert not small._wants_compile([torch.ones(10)])

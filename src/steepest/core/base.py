@@ -20,6 +20,7 @@ working copies for 16-bit params or states, and stochastic rounding on write-bac
 from __future__ import annotations
 
 import math
+import threading
 import types
 import warnings
 from collections import defaultdict
@@ -107,6 +108,28 @@ class _FusedPlan(NamedTuple):
     states: dict[str, list[Tensor]]
 
 
+class _StandinTrace:
+    """One compiled kernel traced (and so compiled) on stand-in arguments: here, or in a daemon thread."""
+
+    def __init__(self, kernel: Callable, args: tuple, options: dict[str, Any], wait: bool) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        if wait:
+            self._run(kernel, args, options)
+        else:
+            threading.Thread(target=self._run, args=(kernel, args, options), daemon=True,
+                             name="steepest-compile").start()
+
+    def _run(self, kernel, args, options) -> None:
+        try:
+            with torch.no_grad():
+                kernel(*args, **options)
+        except BaseException as err:  # noqa: BLE001 - reported to the optimizer, which falls back to eager
+            self.error = err
+        finally:
+            self.done.set()
+
+
 def _fresh_code_copy(fn: Callable, tag: str) -> Callable:
     """A copy of fn with its own code object, so that torch.compile keeps a separate cache for it.
 
@@ -125,7 +148,13 @@ class Optimizer(torch.optim.Optimizer):
     Args (shared by every subclass, keyword-only):
         compile: ``"auto"`` (default) fuses a bucket with ``torch.compile`` when it holds at least
             2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
-            ``False`` never does. A compiler failure falls back to eager with a warning.
+            ``False`` never does. ``"background"`` fuses as ``True`` but compiles each kernel in a
+            background thread (on stand-in tensors) while the steps run eager, switching once it is
+            ready: no compile stall (seconds, ~10 s on a fresh machine), at the price of eager-speed
+            first steps and a switch point that depends on timing (eager and fused agree to rounding,
+            not bit for bit). It applies to elementwise updates; others compile synchronously.
+            :meth:`wait_compiled` blocks until pending kernels are ready. A compiler failure falls
+            back to eager with a warning.
         skip_nonfinite: if True, a step whose gradients contain NaN or Inf changes nothing (no
             parameter, no state, no step count) and is counted in ``skipped_steps``. Off by
             default: it costs one device-to-host synchronisation per step.
@@ -156,8 +185,8 @@ class Optimizer(torch.optim.Optimizer):
                  skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool | None = None) -> None:
         name = type(self).__name__
-        if compile not in ("auto", True, False):
-            raise ValueError(f"{name}: compile must be 'auto', True or False, got {compile!r}")
+        if compile not in ("auto", True, False, "background"):
+            raise ValueError(f"{name}: compile must be 'auto', True, False or 'background', got {compile!r}")
         checks.boolean("skip_nonfinite", skip_nonfinite)
         if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16,
                                                           torch.float16):
@@ -178,7 +207,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
-    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_traced", "_scratch_cache", "_plans")
+    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_traced", "_scratch_cache", "_plans", "_pending")
     # torch.optim.Optimizer's hook registries: a copy starts without hooks, as torch's optimizers do.
     _hook_attrs: ClassVar[tuple[str, ...]] = (
         "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -190,6 +219,7 @@ class Optimizer(torch.optim.Optimizer):
         self._traced: set[tuple] = set()
         self._scratch_cache: dict[tuple, dict[str, list[Tensor]]] = {}
         self._plans: dict[tuple, _FusedPlan] = {}
+        self._pending: dict[tuple, _StandinTrace] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups: a deep copy would lose the engine
@@ -377,7 +407,7 @@ class Optimizer(torch.optim.Optimizer):
     def _wants_compile(self, params: list[Tensor]) -> bool:
         if self.compile is False or not self.fusable:
             return False
-        if self.compile is True:
+        if self.compile in (True, "background"):
             return True
         return sum(p.numel() for p in params) >= _COMPILE_MIN_NUMEL
 
@@ -431,6 +461,12 @@ class Optimizer(torch.optim.Optimizer):
         return lambda *args: self._call_kernel(key, kernel, options, *args)
 
     def _call_kernel(self, key, kernel, options, params, grads, states, scalars, wd):
+        if key not in self._traced and self._flattenable():
+            if self.compile == "background":
+                return self._background_ready(key, kernel, options, params, grads, states, scalars, wd)
+            job = _StandinTrace(kernel, self._standin_args(params, grads, states, scalars, wd), options, wait=True)
+            if not self._trace_done(key, job):
+                return False
         try:
             if key in self._traced:
                 kernel(type(self).update, params, grads, states, scalars, wd, **options)
@@ -448,6 +484,54 @@ class Optimizer(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: {err}); "
                           f"running the eager path instead", RuntimeWarning, stacklevel=4)
             return False
+
+    def _standin_args(self, params, grads, states, scalars, wd) -> tuple:
+        """Arguments shaped as a flat-path call's, on fresh tensors, to trace (and so compile) the kernel on.
+
+        Each slot gets its own size (2**18 + 64 i: large enough that the generated loops run in parallel), so no
+        two tensors share a size symbol and later calls with any sizes and storage offsets reuse the graph. States
+        of another size than their param (one number per tensor) keep their size.
+        """
+        def standin(t: Tensor, slot: int, like: Tensor) -> Tensor:
+            n = (1 << 18) + 64 * slot if t.numel() == like.numel() else t.numel()
+            return torch.zeros(n, dtype=t.dtype, device=t.device)
+
+        sp = [standin(p, i, p) for i, p in enumerate(params)]
+        sg = [standin(g, i, p) for i, (g, p) in enumerate(zip(grads, params))]
+        ss = {k: [standin(t, i, p) for i, (t, p) in enumerate(zip(v, params))] for k, v in states.items()}
+        return (type(self).update, sp, sg, ss, dict(scalars), wd)
+
+    def _background_ready(self, key, kernel, options, params, grads, states, scalars, wd) -> bool:
+        """Run the kernel if its background trace is done (starting the trace on the first call); False: not
+        run, the caller steps eager."""
+        job = self._pending.get(key)
+        if job is None:
+            args = self._standin_args(params, grads, states, scalars, wd)
+            self._pending[key] = _StandinTrace(kernel, args, options, wait=False)
+            return False
+        if not job.done.is_set():
+            return False
+        del self._pending[key]
+        if not self._trace_done(key, job):
+            return False
+        return self._call_kernel(key, kernel, options, params, grads, states, scalars, wd)
+
+    def _trace_done(self, key, job: _StandinTrace) -> bool:
+        if job.error is not None:
+            self._kernels[key] = None
+            warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(job.error).__name__}: {job.error}); "
+                          f"running the eager path instead", RuntimeWarning, stacklevel=6)
+            return False
+        self._traced.add(key)
+        return True
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the kernels ``compile="background"`` is compiling are ready (or ``timeout`` seconds pass);
+        returns True when none is pending. The next step then runs fused."""
+        for job in list(self._pending.values()):
+            if not job.done.wait(timeout):
+                return False
+        return True
 
     def _run_fused(self, kernel, params, grads, states, scalars, wd, plan, device) -> list[int]:
         """Run the compiled kernel over params[plan.order]; returns the indices it updated."""
