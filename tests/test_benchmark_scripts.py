@@ -39,3 +39,10 @@ def test_matrix_speed_runs(argv, capsys):
     matrix_speed = _load("matrix_speed")
     matrix_speed.main(argv)
     assert "muon" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["sync", "background"])
+def test_first_step_child_reaches_the_fused_kernel(mode):
+    first_step = _load("first_step")
+    r = first_step.child("adamw", 4096, 4, mode, limit_s=120.0)
+    assert r["steps_until_fused"] is not None and r["first_s"] > 0 and r["max_s"] >= r["first_s"]
