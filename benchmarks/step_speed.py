@@ -21,6 +21,7 @@ AdamW) is printed for reference.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -100,17 +101,21 @@ def own_stream(opt, params):
 
 
 def time_interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each candidate, timed A, B, C, A, B, C, ... so that drift hits all alike, after `warmup`
-    untimed rounds (the first steps in a process page-fault their temporaries in until the C allocator has
-    grown its thresholds)."""
+    """Median ms of each candidate, all timed in every round so that drift hits all alike, in an order shuffled
+    per round (a kernel right after one on the same buffers finds part of them in the last-level cache), after
+    `warmup` untimed rounds (the first steps in a process page-fault their temporaries in until the C
+    allocator has grown its thresholds)."""
     times = {k: [] for k in steps}
     for _ in range(warmup):
         for fn in steps.values():
             fn()
+    order = list(steps)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k, fn in steps.items():
+        rng.shuffle(order)
+        for k in order:
             t = time.perf_counter()
-            fn()
+            steps[k]()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
