@@ -111,7 +111,34 @@ class Warmup(Schedule):
         return {"warmup": self.warmup, "start": self.start, "total": self.total}
 
 
-class Cosine(Schedule):
+class _WarmupThenDecay(Schedule):
+    """Linear warmup from ``warmup_start``, then a decay ``m = f + (1 - f) shape(p)`` from 1 to
+    ``f = final_lr_ratio`` with ``p = (t - warmup) / (total - warmup)`` clipped to [0, 1]."""
+
+    def __init__(self, *, total: int, warmup: int = 0, final_lr_ratio: float = 0.0, warmup_start: float = 0.0) -> None:
+        self.total = C.steps("total", total)
+        self.warmup = _check_warmup(warmup, self.total)
+        self.final_lr_ratio = C.real("final_lr_ratio", final_lr_ratio, 0.0, 1.0)
+        self.warmup_start = C.real("warmup_start", warmup_start, 0.0, 1.0)
+
+    @staticmethod
+    def _shape(p: float) -> float:
+        raise NotImplementedError
+
+    def multiplier(self, step: int) -> float:
+        t = C.step_index(step)
+        if t < self.warmup:
+            return _ramp(t, self.warmup, self.warmup_start)
+        p = min(1.0, (t - self.warmup) / (self.total - self.warmup))
+        f = self.final_lr_ratio
+        return f + (1.0 - f) * self._shape(p)
+
+    def _args(self) -> dict[str, Any]:
+        return {"total": self.total, "warmup": self.warmup, "final_lr_ratio": self.final_lr_ratio,
+                "warmup_start": self.warmup_start}
+
+
+class Cosine(_WarmupThenDecay):
     """Linear warmup, then cosine decay from 1 to ``final_lr_ratio`` at ``total`` (Loshchilov & Hutter 2017,
     "SGDR: Stochastic Gradient Descent with Warm Restarts", arXiv 1608.03983, without restarts).
 
@@ -120,49 +147,21 @@ class Cosine(Schedule):
 
     kind = "cosine"
 
-    def __init__(self, *, total: int, warmup: int = 0, final_lr_ratio: float = 0.0, warmup_start: float = 0.0) -> None:
-        self.total = C.steps("total", total)
-        self.warmup = _check_warmup(warmup, self.total)
-        self.final_lr_ratio = C.real("final_lr_ratio", final_lr_ratio, 0.0, 1.0)
-        self.warmup_start = C.real("warmup_start", warmup_start, 0.0, 1.0)
-
-    def multiplier(self, step: int) -> float:
-        t = C.step_index(step)
-        if t < self.warmup:
-            return _ramp(t, self.warmup, self.warmup_start)
-        p = min(1.0, (t - self.warmup) / (self.total - self.warmup))
-        f = self.final_lr_ratio
-        return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-    def _args(self) -> dict[str, Any]:
-        return {"total": self.total, "warmup": self.warmup, "final_lr_ratio": self.final_lr_ratio,
-                "warmup_start": self.warmup_start}
+    @staticmethod
+    def _shape(p: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class LinearDecay(Schedule):
+class LinearDecay(_WarmupThenDecay):
     """Linear warmup, then linear decay from 1 to ``final_lr_ratio`` at ``total``: the worst-case optimal
     schedule of Defazio et al. 2023 ("When, Why and How Much? Adaptive Learning Rate Scheduling by
     Refinement", arXiv 2310.07831). ``m(t) = f + (1 - f)(1 - p)``, ``p`` as in :class:`Cosine`."""
 
     kind = "linear_decay"
 
-    def __init__(self, *, total: int, warmup: int = 0, final_lr_ratio: float = 0.0, warmup_start: float = 0.0) -> None:
-        self.total = C.steps("total", total)
-        self.warmup = _check_warmup(warmup, self.total)
-        self.final_lr_ratio = C.real("final_lr_ratio", final_lr_ratio, 0.0, 1.0)
-        self.warmup_start = C.real("warmup_start", warmup_start, 0.0, 1.0)
-
-    def multiplier(self, step: int) -> float:
-        t = C.step_index(step)
-        if t < self.warmup:
-            return _ramp(t, self.warmup, self.warmup_start)
-        p = min(1.0, (t - self.warmup) / (self.total - self.warmup))
-        f = self.final_lr_ratio
-        return f + (1.0 - f) * (1.0 - p)
-
-    def _args(self) -> dict[str, Any]:
-        return {"total": self.total, "warmup": self.warmup, "final_lr_ratio": self.final_lr_ratio,
-                "warmup_start": self.warmup_start}
+    @staticmethod
+    def _shape(p: float) -> float:
+        return 1.0 - p
 
 
 class InverseSqrt(Schedule):
