@@ -19,12 +19,7 @@ SHAPES = [(5, 4), (7,), (2, 3, 2, 2), (3, 2, 2)]
 A_OFF, B_SIN, C = 0.5, 0.4, 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------- a separable loss

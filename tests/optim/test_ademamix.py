@@ -18,15 +18,7 @@ SHAPES = [(5, 4), (7,), (3, 2, 2)]
 STEPS = 30
 
 
-def make_arrays(seed=0):
-    return trajectory.make_arrays(SHAPES, seed)
-
-
-def run_torch(make_opt, arrays, steps=STEPS):
-    out, opt, _ = trajectory.run_torch_full(make_opt, arrays, steps)
-    return out, opt
-
-
+make_arrays, run_torch = trajectory.bind(SHAPES, STEPS, with_opt=True)
 
 
 # --- the authors' schedulers and step, transcribed independently -------------------------------------

@@ -17,13 +17,7 @@ SHAPES = [(5, 4), (7,), (3, 2, 2)]
 STEPS = 30
 
 
-def make_arrays(seed=0):
-    return trajectory.make_arrays(SHAPES, seed)
-
-
-def run_torch(make_opt, arrays, steps=STEPS):
-    return trajectory.run_torch(make_opt, arrays, steps)
-
+make_arrays, run_torch = trajectory.bind(SHAPES, STEPS)
 
 
 def paper_grams(arrays, steps=STEPS, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):

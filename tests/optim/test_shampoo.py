@@ -21,14 +21,7 @@ from steepest.optim.shampoo import (
 from . import trajectory
 from .trajectory import grad_fn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is several times faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(5, 4), (7,), (3, 2, 2), (1,)]

@@ -15,13 +15,7 @@ from steepest.optim.soap import soap_merge_shape
 from . import trajectory
 from .trajectory import grad_fn
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Shapes whose factors after the first gradient have at most a one-dimensional null space: the eigenbasis the

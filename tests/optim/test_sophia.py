@@ -30,13 +30,7 @@ from .test_adahessian import (
     steps_to,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sophia_step(x, g, m, h, lr, b1, rho, bs, wd, eps=1e-15):

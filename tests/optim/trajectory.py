@@ -36,6 +36,19 @@ def run_torch(make_opt, arrays, steps, grad=grad_fn):
     return run_torch_full(make_opt, arrays, steps, grad)[0]
 
 
+def bind(shapes, steps, with_opt=False):
+    """``make_arrays(seed=0)`` and ``run_torch(make_opt, arrays, steps=steps)`` for one test file's problem;
+    with_opt: run_torch returns (final arrays, optimizer)."""
+    def make(seed=0):
+        return make_arrays(shapes, seed)
+
+    def run(make_opt, arrays, steps=steps):
+        out, opt, _ = run_torch_full(make_opt, arrays, steps)
+        return (out, opt) if with_opt else out
+
+    return make, run
+
+
 # Shapes of the lockstep comparisons with the authors' packages; PIECE_SHAPES span several of the eager passes'
 # 2**18-element pieces (one tensor alone, small ones sharing a piece).
 PACKAGE_SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
