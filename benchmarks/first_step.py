@@ -38,7 +38,7 @@ def child(method: str, numel: int, tensors: int, mode: str, limit_s: float) -> d
         t = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - t)
-        if fused_after is None and opt._traced and not opt._pending:
+        if fused_after is None and opt._kernels and not opt._compile_jobs:
             fused_after = len(times)  # this step ran fused
         if fused_after is not None and len(times) >= fused_after + 5:
             break

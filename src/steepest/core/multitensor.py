@@ -14,13 +14,35 @@ Helpers whose name ends in ``_`` update their first argument in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 Scalar = float | Tensor
 TensorList = Sequence[Tensor]
+
+
+_trace_state = threading.local()
+
+
+def compiling() -> bool:
+    """True while the update is being traced for a compiled kernel (by torch.compile, or by the engine's own
+    tracer): helpers then pick the form the compiler fuses into one kernel over the for-each call."""
+    return torch.compiler.is_compiling() or getattr(_trace_state, "active", False)
+
+
+@contextmanager
+def tracing() -> Iterator[None]:
+    """Mark this thread as tracing an update for compilation (see :func:`compiling`)."""
+    before = getattr(_trace_state, "active", False)
+    _trace_state.active = True
+    try:
+        yield
+    finally:
+        _trace_state.active = before
 
 
 def _is_tensor(s: object) -> bool:
@@ -162,7 +184,7 @@ def abs_(xs: TensorList) -> None:
 
 def sigmoid_(xs: TensorList) -> None:
     """xs = sigmoid(xs) elementwise."""
-    if torch.compiler.is_compiling():
+    if compiling():
         # The compiler has no lowering for the for-each sigmoid: it would run as a separate eager call over
         # materialised temporaries, outside the fused kernel.
         for x in xs:
@@ -183,7 +205,7 @@ def copy_(xs: TensorList, ys: TensorList) -> None:
 
 def norms(xs: TensorList) -> list[Tensor]:
     """The Euclidean norm of each tensor, as 0-dim tensors."""
-    if torch.compiler.is_compiling():
+    if compiling():
         # The for-each norm has no compiler lowering (a separate eager call); the plain norm becomes a
         # reduction inside the fused kernel.
         return [torch.linalg.vector_norm(x) for x in xs]
@@ -192,7 +214,7 @@ def norms(xs: TensorList) -> list[Tensor]:
 
 def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
     """The inner product <x, y> of each pair, as 0-dim tensors."""
-    if torch.compiler.is_compiling():
+    if compiling():
         # torch.dot compiles to an external BLAS call after a separate pass; a product-sum fuses.
         return [(x * y).sum() for x, y in zip(xs, ys)]
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
