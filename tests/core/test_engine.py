@@ -304,3 +304,29 @@ def test_loading_torch_adamw_state_dict_continues_identically():
         ta.step()
         ours.step()
     assert torch.equal(a, b)
+
+
+def test_shaped_gradient_probe_tells_kernels_that_read_grad_sizes():
+    """Flat kernels take gradients in their own shape only if they read each slot's size from the param."""
+    from steepest.core.base import _reads_sizes_from_params
+
+    example = [torch.zeros(10), torch.zeros(12), torch.zeros(10), torch.zeros(12),
+               torch.tensor(0.5, dtype=torch.float64)]
+
+    def sizes_from_params(*a):
+        for p, g in zip(a[:2], a[2:4]):
+            p.sub_(g.reshape(-1)[:p.numel()] * a[4])
+
+    def sizes_from_grads(*a):
+        for p, g in zip(a[:2], a[2:4]):
+            n = g.shape[0]
+            p[:n].sub_(g.reshape(-1)[:n] * a[4])
+
+    assert _reads_sizes_from_params(sizes_from_params, example, 2)
+    assert not _reads_sizes_from_params(sizes_from_grads, example, 2)
+    ps = [torch.nn.Parameter(torch.ones(4, 5)), torch.nn.Parameter(torch.ones(3))]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt = steepest.AdamW(ps, compile=True)
+    opt.step()
+    assert [k.shaped_grads for k in opt._kernels.values()] == [True]
