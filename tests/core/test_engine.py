@@ -330,3 +330,36 @@ def test_shaped_gradient_probe_tells_kernels_that_read_grad_sizes():
     opt = steepest.AdamW(ps, compile=True)
     opt.step()
     assert [k.shaped_grads for k in opt._kernels.values()] == [True]
+
+
+@pytest.mark.parametrize("update", ["branch", "constant"])
+def test_flat_kernel_refuses_updates_that_depend_on_sizes(update):
+    """The flat kernel checks no guards at call time, so an update whose trace depends on a size (a branch, or a
+    size turned into a number) must not be compiled: the optimizer warns and steps eager, with the eager numbers."""
+    import math
+
+    def by_size(params, grads, *, lr):
+        for p, g in zip(params, grads):
+            if update == "branch":
+                p.add_(g * (-lr if p.shape[0] > 300_000 else lr))
+            else:
+                p.add_(g * (-lr / math.sqrt(p.shape[0])))
+
+    class SizeDependent(steepest.Optimizer):
+        hyperparams = {"lr": checks.nonnegative}
+        update = staticmethod(by_size)
+
+        def __init__(self, params, lr, compile):
+            super().__init__(params, dict(lr=lr), compile=compile)
+
+    def run(compile):
+        params = [torch.nn.Parameter(torch.ones(7)), torch.nn.Parameter(torch.ones(3, 3))]
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        SizeDependent(params, lr=0.1, compile=compile).step()
+        return params
+
+    with pytest.warns(RuntimeWarning, match="cannot serve every shape"):
+        fused = run(True)
+    for a, b in zip(fused, run(False)):
+        assert torch.equal(a, b)

@@ -187,6 +187,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any]) ->
     else:
         with mt.tracing():
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
+        _check_size_generic(graph, example)
         # The engine builds every argument itself (1-D, contiguous); per-call size asserts would cost a third
         # of the call.
         kernel = standalone(graph, example, dynamic_shapes="from_graph",
@@ -194,6 +195,25 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any]) ->
         _flat_kernels_compiled += 1
         return _FlatKernel(kernel, not options["stochastic"] and _reads_sizes_from_params(kernel, example, count))
     return _FlatKernel(kernel, False)
+
+
+def _check_size_generic(graph: torch.fx.GraphModule, example: list[Tensor]) -> None:
+    """Refuse a traced update that depends on its stand-ins' sizes: the compiled kernel checks no guards, so a
+    branch on a size (or a size turned into a constant) would silently compute wrong numbers for other sizes.
+
+    Param-sized stand-ins (2**18 elements and more) must keep symbolic sizes, and tracing must have recorded no
+    guard on any size.
+    """
+    values = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
+    envs = {d.node.shape_env for v in values for d in v.shape if isinstance(d, torch.SymInt)}
+    for v, t in zip(values, example):
+        if t.numel() >= 1 << 18 and not all(isinstance(d, torch.SymInt) for d in v.shape):
+            raise RuntimeError(f"the update specialised on a tensor size ({tuple(v.shape)}): it cannot serve every "
+                               f"shape")
+    for env in envs:
+        if env.guards:
+            raise RuntimeError(f"the update branches on tensor sizes ({env.format_guards().strip()}): it cannot "
+                               f"serve every shape")
 
 
 class _FlatKernel(NamedTuple):
