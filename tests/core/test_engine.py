@@ -363,3 +363,33 @@ def test_flat_kernel_refuses_updates_that_depend_on_sizes(update):
         fused = run(True)
     for a, b in zip(fused, run(False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_matrix_view_kernels_match_eager_for_every_shape(name):
+    """AdamP/SGDP project per output channel: params of 2+ dims run as (shape[0], rest) matrices, one compiled
+    graph for every such shape (rows or columns of 1 included), the others flat; gradients orthogonal to their
+    param make the projections happen."""
+    shapes = [(3, 5), (17,), (2, 2, 2), (9,), (4, 4), (1, 11), (6, 1), (5, 3, 2, 2), (7,), (13,)]
+
+    def run(compile, delta=0.1):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+        opt = steepest.get(name).cls(ps, lr=0.05, weight_decay=0.1, delta=delta, compile=compile)
+        for t in range(5):
+            for i, p in enumerate(ps):
+                g = torch.cos(p.detach() * (t + 2))
+                if i % 2 == 0:  # orthogonal to p: |cos| = 0 < delta / sqrt(fan-in), so the update is projected
+                    g = g - p.detach() * (g * p.detach()).sum() / (p.detach() ** 2).sum()
+                p.grad = g
+            opt.step()
+        return ps, opt
+
+    graphs = compiled_graphs()
+    fused, opt = run(True)
+    assert compiled_graphs() == graphs + 2 and sorted(k[-1] for k in opt._kernels) == ["flat", "matrix"]
+    eager, _ = run(False)
+    unprojected, _ = run(False, delta=0.0)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert any(not torch.allclose(a, b) for a, b in zip(eager, unprojected) if a.dim() > 1)

@@ -11,12 +11,13 @@ A method subclasses :class:`Optimizer` and supplies
   **static)`` written with :mod:`steepest.core.multitensor` helpers.
 
 The base runs that one function in two modes: eager (``torch._foreach_*`` over all tensors of a
-bucket) and fused (the same function compiled by inductor into one kernel per call, cached per
-signature, hyperparameters passed as tensors so that changing them never recompiles). Updates that
-flatten run over flat views of a few tensors per call, traced once and compiled without dynamo's
-per-call guards; others go through ``torch.compile`` tensor by tensor. Around the
-update it applies ``maximize``, weight decay (decoupled or L2, as the method states), float32
-working copies for 16-bit params or states, and stochastic rounding on write-back.
+bucket) and fused (the same function traced once on stand-in tensors and compiled by inductor into one
+kernel per call, without per-call guards, cached per signature, hyperparameters passed as tensors so
+that changing them never recompiles). The fused path views tensors as flat vectors (elementwise updates,
+a few tensors per call; whole-tensor reductions, one per call) or as (shape[0], rest) matrices (per-row
+reductions), so one kernel serves every shape; other updates run eager. Around the update it applies
+``maximize``, weight decay (decoupled or L2, as the method states), float32 working copies for 16-bit
+params or states, and stochastic rounding on write-back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -73,15 +73,17 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
             write_back_(s, w, stochastic)
 
 
-def _flat_alias(t: Tensor) -> Tensor:
-    """A 1-D tensor over t's memory that is not a view and needs no grad.
+def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A contiguous tensor over t's memory, 1-D or of the given shape, that is not a view and needs no grad.
 
-    The compiled kernel guards on its inputs' metadata, including a view's base (its shape and rank) and
+    Compiled kernels may guard on their inputs' metadata, including a view's base (its shape and rank) and
     requires_grad: flattened views of params of different ranks, or Parameters next to plain scratch
     tensors, would each fail a guard and recompile. Plain aliases make every chunk look alike.
     """
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
-                                                                 (t.numel(),), (1,))
+    shape = (t.numel(),) if shape is None else shape
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), shape,
+                                                                 strides)
 
 
 def chunk_runs(numels: list[int], limit: int = _EAGER_CHUNK_NUMEL) -> list[list[int]]:
@@ -102,9 +104,12 @@ def chunk_runs(numels: list[int], limit: int = _EAGER_CHUNK_NUMEL) -> list[list[
 
 
 class _FlatChunk(NamedTuple):
-    """One call of a flat-path kernel: the indices it updates and its fixed arguments (flat aliases of the
-    params and states, padded to the kernel's slot count with scratch tensors)."""
+    """One call of a flat-path kernel: its layout ("flat": 1-D tensors; "matrix": one tensor viewed as
+    (shape[0], rest)), the indices it updates, the shape its gradients are viewed as, and its fixed arguments
+    (aliases of the params and states, padded to the kernel's slot count with scratch tensors)."""
 
+    layout: str
+    grad_shape: tuple[int, ...]
     idx: list[int]
     params: list[Tensor]
     grad_pads: list[Tensor]
@@ -156,7 +161,7 @@ def compiled_graphs() -> int:
     return _flat_kernels_compiled + counters["stats"]["unique_graphs"]
 
 
-def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any]) -> _FlatKernel:
+def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True) -> _FlatKernel:
     """The flat path's compiled update: a callable over ``(*params, *grads, *states, *scalars, wd)``.
 
     The update is traced once on stand-in tensors with symbolic sizes and compiled by inductor without
@@ -182,7 +187,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any]) ->
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
     standalone = getattr(torch._inductor, "standalone_compile", None)
     if standalone is None:
-        kernel = torch.compile(flat_update, dynamic=True, fullgraph=True)
+        kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
     else:
         with mt.tracing():
@@ -193,7 +198,8 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any]) ->
         kernel = standalone(graph, example, dynamic_shapes="from_graph",
                             options={"config_patches": {"size_asserts": False}})
         _flat_kernels_compiled += 1
-        return _FlatKernel(kernel, not options["stochastic"] and _reads_sizes_from_params(kernel, example, count))
+        shaped = probe and not options["stochastic"] and _reads_sizes_from_params(kernel, example, count)
+        return _FlatKernel(kernel, shaped)
     return _FlatKernel(kernel, False)
 
 
@@ -269,7 +275,7 @@ class Optimizer(torch.optim.Optimizer):
             background thread (on stand-in tensors) while the steps run eager, switching once it is
             ready: no compile stall (seconds, ~10 s on a fresh machine), at the price of eager-speed
             first steps and a switch point that depends on timing (eager and fused agree to rounding,
-            not bit for bit). It applies to elementwise updates; others compile synchronously.
+            not bit for bit).
             :meth:`wait_compiled` blocks until pending kernels are ready. A compiler failure falls
             back to eager with a warning.
         skip_nonfinite: if True, a step whose gradients contain NaN or Inf changes nothing (no
@@ -290,10 +296,15 @@ class Optimizer(torch.optim.Optimizer):
     # Not elementwise, but its only operations across elements are reductions over a whole tensor (norms,
     # dot products, max): a flattened tensor gives the same numbers, so the fused path may flatten too.
     whole_tensor_reductions: ClassVar[bool] = False
+    # Not elementwise, but its only operations across elements are reductions over the rows of
+    # p.reshape(p.shape[0], -1) and over the whole tensor, and 0/1-dim params are updated elementwise: the fused
+    # path may view a param of 2+ dims as that matrix (one graph for every shape) and flatten the others.
+    matrix_view: ClassVar[bool] = False
     # The update couples no two tensors, so the fused path may compile one tensor at a time.
     per_tensor: ClassVar[bool] = True
-    # False for methods whose step is not a good torch.compile target (matrix decompositions, host-side
-    # reductions): they always run the eager path, whatever ``compile`` says.
+    # False for methods whose step is not a good compile target (matrix decompositions, host-side reductions):
+    # they always run the eager path, whatever ``compile`` says. So do updates that neither flatten nor take
+    # matrix views: the fused path compiles one kernel for every shape, which needs one of those layouts.
     fusable: ClassVar[bool] = True
     needs_closure: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
@@ -324,7 +335,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
-    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_traced", "_scratch_cache", "_plans",
+    _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_scratch_cache", "_plans",
                                                  "_compile_jobs", "_scalar_slots")
     # torch.optim.Optimizer's hook registries: a copy starts without hooks, as torch's optimizers do.
     _hook_attrs: ClassVar[tuple[str, ...]] = (
@@ -334,7 +345,6 @@ class Optimizer(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         self._kernels: dict[tuple, Callable | None] = {}
-        self._traced: set[tuple] = set()
         self._scratch_cache: dict[tuple, dict[str, list[Tensor]]] = {}
         self._plans: dict[tuple, _FusedPlan] = {}
         self._compile_jobs: dict[tuple, _CompileJob] = {}
@@ -532,7 +542,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:
-        if self.compile is False or not self.fusable:
+        if self.compile is False or not self.fusable or not self._flattenable():
             return False
         if self.compile in (True, "background"):
             return True
@@ -553,7 +563,7 @@ class Optimizer(torch.optim.Optimizer):
         if plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.order):
             return plan
         order = [i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)]
-        chunks = self._flat_chunks(params, grads, states, order) if order and self._flattenable() else []
+        chunks = self._flat_chunks(params, grads, states, order) if order else []
         plan = _FusedPlan(sig, order, chunks)
         self._plans[key] = plan
         return plan
@@ -563,23 +573,32 @@ class Optimizer(torch.optim.Optimizer):
         """The flat path's kernel calls over params[order]. Elementwise updates take _FUSE_CHUNK tensors per
         call (fewer calls; the last one padded with scratch tensors). Whole-tensor reductions take one tensor
         per call: the compiled kernel runs all of a call's reductions before its elementwise loops, so one
-        tensor at a time re-reads it from cache, not from memory."""
-        size = _FUSE_CHUNK if self.elementwise else 1
-        first = order[0]
-        scratch = self._scratch(params[first], grads[first], {k: v[first] for k, v in states.items()})
+        tensor at a time re-reads it from cache, not from memory. Matrix views are one tensor per call too."""
+        matrices = [i for i in order if self.matrix_view and params[i].dim() > 1]
+        flat = [i for i in order if not (self.matrix_view and params[i].dim() > 1)]
         chunks = []
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            pad = size - len(idx)
-            chunk_states = {k: [_flat_alias(v[i]) for i in idx] + scratch[k][:pad] for k, v in states.items()}
-            chunks.append(_FlatChunk(idx, [_flat_alias(params[i]) for i in idx] + scratch["param"][:pad],
-                                     scratch["grad"][:pad], chunk_states,
+        if flat:
+            size = _FUSE_CHUNK if self.elementwise or self.matrix_view else 1
+            first = flat[0]
+            scratch = self._scratch(params[first], grads[first], {k: v[first] for k, v in states.items()})
+            for start in range(0, len(flat), size):
+                idx = flat[start:start + size]
+                pad = size - len(idx)
+                chunk_states = {k: [_flat_alias(v[i]) for i in idx] + scratch[k][:pad] for k, v in states.items()}
+                chunks.append(_FlatChunk("flat", (-1,), idx,
+                                         [_flat_alias(params[i]) for i in idx] + scratch["param"][:pad],
+                                         scratch["grad"][:pad], chunk_states,
+                                         [t for v in chunk_states.values() for t in v]))
+        for i in matrices:
+            shape = (params[i].shape[0], params[i].numel() // params[i].shape[0])
+            chunk_states = {k: [_flat_alias(v[i], shape)] for k, v in states.items()}
+            chunks.append(_FlatChunk("matrix", shape, [i], [_flat_alias(params[i], shape)], [], chunk_states,
                                      [t for v in chunk_states.values() for t in v]))
         return chunks
 
     @classmethod
     def _flattenable(cls) -> bool:
-        return cls.per_tensor and (cls.elementwise or cls.whole_tensor_reductions)
+        return cls.per_tensor and (cls.elementwise or cls.whole_tensor_reductions or cls.matrix_view)
 
     def _fusable(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], i: int) -> bool:
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
@@ -596,34 +615,6 @@ class Optimizer(torch.optim.Optimizer):
                 tuple(sorted(options["static"].items())), options["maximize"], options["wd_mode"],
                 options["stochastic"], scalar_names)
 
-    def _kernel(self, key: tuple, options: dict[str, Any]):
-        """A torch.compile'd update for paths that keep tensor shapes (None once the compiler failed)."""
-        if key not in self._kernels:
-            fn = _fresh_code_copy(_apply_update, type(self).__name__)
-            self._kernels[key] = torch.compile(fn, dynamic=True, fullgraph=True)
-        kernel = self._kernels[key]
-        if kernel is None:
-            return None
-        return lambda *args: self._call_kernel(key, kernel, options, *args)
-
-    def _call_kernel(self, key, kernel, options, params, grads, states, scalars, wd) -> bool:
-        """One call of a ``torch.compile``'d update over tensors of their own shapes (paths that do not flatten)."""
-        try:
-            if key in self._traced:
-                kernel(type(self).update, params, grads, states, scalars, wd, **options)
-            else:
-                # Without duck shaping, equal sizes seen at the first call get no shared symbol, so tensors of
-                # other sizes later reuse the same graph instead of recompiling. The patch is for tracing only:
-                # under a patched config dynamo re-hashes its configuration on every call (~0.15 ms, three
-                # times the call itself).
-                with _fx_config.patch(use_duck_shape=False):
-                    kernel(type(self).update, params, grads, states, scalars, wd, **options)
-                self._traced.add(key)
-            return True
-        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
-            self._compile_failed(key, err)
-            return False
-
     def _flat_kernel(self, key: tuple, options: dict[str, Any], chunk: _FlatChunk, grads: list[Tensor],
                      scalars: dict[str, Tensor], wd: Tensor) -> _FlatKernel | None:
         """The flat-path kernel for key, compiling it on stand-ins of the chunk's arguments the first time; None
@@ -633,8 +624,8 @@ class Optimizer(torch.optim.Optimizer):
         job = self._compile_jobs.get(key)
         if job is None:
             chunk_grads = [grads[i] for i in chunk.idx] + chunk.grad_pads
-            standins = self._standin_args(chunk.params, chunk_grads, chunk.states, scalars, wd)
-            job = _CompileJob(_compile_flat, (type(self).update, standins, options),
+            standins = self._standin_args(chunk.params, chunk_grads, chunk.states, scalars, wd, chunk.layout)
+            job = _CompileJob(_compile_flat, (type(self).update, standins, options, chunk.layout == "flat"),
                               wait=self.compile != "background")
             self._compile_jobs[key] = job
         if not job.done.is_set():
@@ -651,16 +642,21 @@ class Optimizer(torch.optim.Optimizer):
         warnings.warn(f"{type(self).__name__}: torch.compile failed ({type(err).__name__}: {err}); "
                       f"running the eager path instead", RuntimeWarning, stacklevel=6)
 
-    def _standin_args(self, params, grads, states, scalars, wd) -> tuple:
+    def _standin_args(self, params, grads, states, scalars, wd, layout: str = "flat") -> tuple:
         """Arguments shaped as a flat-path call's, on fresh tensors, to compile the kernel on.
 
-        Each slot gets its own size (2**18 + 64 i: large enough that the generated loops run in parallel), so
-        no two tensors share a size symbol and the kernel serves any sizes and storage offsets. States of another
-        size than their param (one number per tensor) keep their size.
+        Each slot gets its own size (2**18 + 64 i, or a 1024 + 64 i by 257 + 64 i matrix: large enough that the
+        generated loops run in parallel), so no two sizes share a symbol and the kernel serves any sizes and
+        storage offsets. States of another size than their param (one number per tensor) keep their size.
         """
         def standin(t: Tensor, slot: int, like: Tensor) -> Tensor:
-            n = (1 << 18) + 64 * slot if t.numel() == like.numel() else t.numel()
-            return torch.zeros(n, dtype=t.dtype, device=t.device)
+            if t.numel() != like.numel():
+                shape = tuple(t.shape)
+            elif layout == "matrix":
+                shape = (1024 + 64 * slot, 257 + 64 * slot)
+            else:
+                shape = ((1 << 18) + 64 * slot,)
+            return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
         sp = [standin(p, i, p) for i, p in enumerate(params)]
         sg = [standin(g, i, p) for i, (g, p) in enumerate(zip(grads, params))]
@@ -674,30 +670,6 @@ class Optimizer(torch.optim.Optimizer):
             if not job.done.wait(timeout):
                 return False
         return True
-
-    def _run_fused(self, params, grads, states, scalars, wd, plan: _FusedPlan, device, options) -> list[int]:
-        """Run the compiled update over params[plan.order]; returns the indices it updated."""
-        idx = plan.order
-        names = list(scalars)
-        parts = self._scalar_tensors([float(scalars[k]) for k in names] + [float(wd)], device)
-        tscalars = dict(zip(names, parts[:-1]))
-        twd = parts[-1]
-        key = self._kernel_key(params[idx[0]], grads[idx[0]], states, options, tuple(names))
-        if plan.chunks:
-            return self._run_flat(key, options, grads, plan.chunks, tscalars, twd, parts)
-        kernel = self._kernel(key, options)
-        if kernel is None:
-            return []
-        if not self.per_tensor:
-            ok = kernel([params[i] for i in idx], [grads[i] for i in idx],
-                        {k: [v[i] for i in idx] for k, v in states.items()}, tscalars, twd)
-            return list(idx) if ok else []
-        done = []
-        for i in idx:
-            if not kernel([params[i]], [grads[i]], {k: [v[i]] for k, v in states.items()}, tscalars, twd):
-                break
-            done.append(i)
-        return done
 
     def _scalar_tensors(self, values: list[float], device: torch.device) -> tuple[Tensor, ...]:
         """A step's scalars as 0-dim tensors for the compiled kernels.
@@ -715,21 +687,33 @@ class Optimizer(torch.optim.Optimizer):
         slots[0][:] = values
         return slots[1]
 
-    def _run_flat(self, key, options, grads, chunks: list[_FlatChunk], tscalars, twd, tail) -> list[int]:
-        """The flat path: one kernel call per chunk, over flat views of its tensors (one graph for every shape
-        and storage offset; per shape, each rank and size pattern would compile for seconds)."""
-        kernel = self._flat_kernel(key, options, chunks[0], grads, tscalars, twd)
-        if kernel is None:
-            return []
-        run, shaped = kernel
+    def _run_fused(self, params, grads, states, scalars, wd, plan: _FusedPlan, device, options) -> list[int]:
+        """The compiled update over params[plan.order], one kernel call per chunk, over flat (or matrix) views of
+        its tensors: one graph for every shape and storage offset (per shape, each rank and size pattern would
+        compile for seconds). Returns the indices it updated; the caller steps the others eager."""
+        names = list(scalars)
+        tail = self._scalar_tensors([float(scalars[k]) for k in names] + [float(wd)], device)
+        tscalars, twd = dict(zip(names, tail[:-1])), tail[-1]
+        first = plan.order[0]
+        key = self._kernel_key(params[first], grads[first], states, options, tuple(names))
         done: list[int] = []
-        try:
-            for chunk in chunks:
-                flat_grads = [grads[i] for i in chunk.idx] if shaped else [grads[i].view(-1) for i in chunk.idx]
-                run(*chunk.params, *flat_grads, *chunk.grad_pads, *chunk.state_args, *tail)
-                done.extend(chunk.idx)
-        except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
-            self._compile_failed(key, err)
+        kernels: dict[str, _FlatKernel | None] = {}
+        for chunk in plan.chunks:
+            if chunk.layout not in kernels:
+                kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout,), options, chunk, grads, tscalars, twd)
+            kernel = kernels[chunk.layout]
+            if kernel is None:
+                continue
+            run, shaped = kernel
+            view = chunk.grad_shape
+            try:
+                chunk_grads = [grads[i] for i in chunk.idx] if shaped else [grads[i].view(view) for i in chunk.idx]
+                run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
+            except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
+                self._compile_failed(key + (chunk.layout,), err)
+                kernels[chunk.layout] = None
+                continue
+            done.extend(chunk.idx)
         return done
 
     def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:

@@ -27,7 +27,8 @@ def _project(p, grad, perturb, delta, wd_ratio, eps):
     for rows in (p.shape[0], 1):
         pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
         cos = torch.nn.functional.cosine_similarity(gv, pv, dim=1, eps=eps).abs()
-        conds.append(cos.max() < delta / math.sqrt(pv.shape[1]))
+        # sym_sqrt keeps the fan-in symbolic when traced: one compiled kernel serves every shape.
+        conds.append(cos.max() < delta / torch.sym_sqrt(pv.shape[1]))
         p_n = p / pv.norm(dim=1).view(expand).add(eps)
         projected.append(perturb - p_n * (p_n * perturb).reshape(rows, -1).sum(dim=1).view(expand))
     channel, layer = conds
@@ -117,6 +118,7 @@ class AdamP(Optimizer):
                    "nesterov": checks.boolean}
     weight_decay_mode = "custom"
     elementwise = False
+    matrix_view = True
     update = staticmethod(adamp_update)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
@@ -132,12 +134,14 @@ class AdamP(Optimizer):
     def scalars(self, group, step):
         beta1, beta2 = group["betas"]
         lr = self.lr(group)
-        return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=1.0 - beta1**step,
+        return dict(lr=lr, beta1=beta1, beta2=beta2, bias_correction1=1.0 - beta1**step,
                     bias_correction2_sqrt=math.sqrt(1.0 - beta2**step), delta=group["delta"],
                     wd_ratio=group["wd_ratio"], wd_coef=lr * group["weight_decay"])
 
     def static_options(self, group):
-        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0}
+        # eps is static (a Python float, part of the compiled kernel's key): the cosine similarity takes it as
+        # a number, which a traced kernel would otherwise fix at its first value.
+        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0, "eps": group["eps"]}
 
 
 @register("sgdp", family="first-order",
@@ -165,6 +169,7 @@ class SGDP(Optimizer):
                    "delta": checks.nonnegative, "wd_ratio": checks.nonnegative}
     weight_decay_mode = "custom"
     elementwise = False
+    matrix_view = True
     update = staticmethod(sgdp_update)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, eps=1e-8,
@@ -179,12 +184,14 @@ class SGDP(Optimizer):
     def scalars(self, group, step):
         lr = self.lr(group)
         momentum = group["momentum"]
-        return dict(lr=lr, momentum=momentum, dampening=group["dampening"], eps=group["eps"],
+        return dict(lr=lr, momentum=momentum, dampening=group["dampening"],
                     delta=group["delta"], wd_ratio=group["wd_ratio"],
                     wd_coef=lr * group["weight_decay"] / (1.0 - momentum))
 
     def static_options(self, group):
-        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0}
+        # eps is static (a Python float, part of the compiled kernel's key): the cosine similarity takes it as
+        # a number, which a traced kernel would otherwise fix at its first value.
+        return {"nesterov": group["nesterov"], "decay": group["weight_decay"] > 0, "eps": group["eps"]}
 
 
 AdamP.__doc__ += _PROJECTION_NOTE
