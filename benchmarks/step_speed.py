@@ -62,13 +62,17 @@ def measure_bandwidth(numel: int, repeats: int = 8) -> tuple[float, dict[str, fl
     return max(rates.values()), rates
 
 
-def make_params(numel: int, tensors: int, seed: int = 0):
+def make_params(numel: int, tensors: int, seed: int = 0, matrix: bool = True):
+    """`tensors` params of numel/tensors elements each: weight matrices (rows x the largest column count up to
+    1024 that divides the size), as most of a model's elements are, or flat vectors. Elementwise updates do not
+    care; per-channel ones (AdamP, SGDP) project matrices, not vectors."""
     g = torch.Generator().manual_seed(seed)
     per = numel // tensors
+    cols = max(c for c in range(1, min(per, 1024) + 1) if per % c == 0) if matrix else per
     params = []
     for _ in range(tensors):
-        p = torch.nn.Parameter(torch.randn(per, generator=g) * 0.02)
-        p.grad = torch.randn(per, generator=g) * 1e-3
+        p = torch.nn.Parameter(torch.randn(per // cols, cols, generator=g).squeeze(0) * 0.02)
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
         params.append(p)
     return params
 
@@ -127,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--only", default="", help="comma-separated method names")
     ap.add_argument("--no-fused", action="store_true", help="skip the compiled path")
+    ap.add_argument("--flat", action="store_true", help="1-D params instead of weight matrices")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     # glibc serves blocks above its mmap threshold with fresh pages, so a step's temporaries page-fault in on
@@ -135,8 +140,9 @@ def main(argv=None):
     # for-loop step measured 2.4x slower in the first row than in the others).
     torch.empty(2 * args.numel // args.tensors).fill_(0.0)
     bw, rates = measure_bandwidth(args.numel)
+    params = make_params(args.numel, args.tensors, matrix=not args.flat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
-          f"in {args.tensors} tensors")
+          f"in {args.tensors} tensors of shape {tuple(params[0].shape)}")
     listed = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
     print(f"bandwidth on fresh buffers, GB/s: {listed} (best {bw / 1e9:.1f}; floors use each step's own buffers)")
     chosen = [m for m in methods() if m.family in ("first-order", "parameter-free", "schedule-free")]
@@ -148,7 +154,6 @@ def main(argv=None):
             f"{'fused/tFused':>12s} {'state B/p':>9s}")
     print(head)
     print("-" * len(head))
-    params = make_params(args.numel, args.tensors)
     for info in chosen:
         words = 3 + 2 * info.state_words
         kwargs = dict(info.example_kwargs)

@@ -13,29 +13,55 @@ from ..core.registry import register
 
 
 def _project(p, grad, perturb, delta, wd_ratio, eps):
-    """The authors' ``_projection`` without data-dependent branches (so that it compiles).
+    """The authors' ``_projection``, from one pass of per-row sums.
 
-    For a parameter of 2+ dims: if the largest |cos(grad, p)| over its output channels is below
-    delta/sqrt(fan-in), remove the per-channel component of ``perturb`` along p; else, if |cos| over
-    the whole tensor is below delta/sqrt(numel), remove the whole-tensor component; else leave it.
-    Returns (perturb, weight-decay ratio): wd_ratio where a projection happened, else 1.
+    For a parameter of 2+ dims: if the largest |cos(grad, p)| over its output channels (rows of
+    p.reshape(shape[0], -1)) is below delta/sqrt(fan-in), remove the per-channel component of ``perturb``
+    along p; else, if |cos| over the whole tensor is below delta/sqrt(numel), remove the whole-tensor
+    component; else leave it. Returns (perturb, weight-decay ratio): wd_ratio where a projection happened,
+    else 1 (None for 0/1-dim params).
+
+    Eager, the authors' sequence: each view's cosine in turn, stopping at the first that projects, with
+    p_n = p / (||p|| + eps) and perturb - p_n <p_n, perturb> (one host read per view tried). Traced for a
+    compiled kernel, every sum comes from the rows' sums of g p, g^2, p^2 and p perturb (the whole tensor's are
+    their totals) and the projection is perturb - p <p, perturb> / (||p|| + eps)^2: the same numbers up to
+    rounding, read in one pass and selected with ``torch.where`` (no host synchronisation: one kernel of two
+    passes). The cosine clamps each norm at eps, as ``torch.nn.functional.cosine_similarity``.
     """
     if p.dim() <= 1 or p.numel() == 0:
         return perturb, None
+    if not mt.compiling():
+        return _project_eager(p, grad, perturb, delta, wd_ratio, eps)
+    rows = p.shape[0]
+    pv, gv, uv = p.reshape(rows, -1), grad.reshape(rows, -1), perturb.reshape(rows, -1)
+    gp, gg, pp, pu = (gv * pv).sum(1), (gv * gv).sum(1), (pv * pv).sum(1), (pv * uv).sum(1)
+
+    def below(gp, gg, pp, size):
+        cos = (gp / (gg.sqrt().clamp_min(eps) * pp.sqrt().clamp_min(eps))).abs()
+        # sym_sqrt keeps the size symbolic when traced: one compiled kernel serves every shape.
+        return cos.max() < delta / torch.sym_sqrt(size)
+
+    channel = below(gp, gg, pp, pv.shape[1])
+    layer = below(gp.sum(), gg.sum(), pp.sum(), p.numel())
+    per_channel = pu / (pp.sqrt() + eps) ** 2
+    whole = pu.sum() / (pp.sum().sqrt() + eps) ** 2
+    coef = torch.where(channel, per_channel, whole.expand_as(per_channel)).view(-1, 1)
+    projected = (uv - pv * coef).view(p.shape)
+    out = torch.where(channel | layer, projected, perturb)
+    one = p.new_ones(())
+    return out, torch.where(channel | layer, one * wd_ratio, one)
+
+
+def _project_eager(p, grad, perturb, delta, wd_ratio, eps):
+    """:func:`_project` in the authors' order, stopping at the first view whose cosine is small."""
     expand = [-1] + [1] * (p.dim() - 1)
-    projected, conds = [], []
     for rows in (p.shape[0], 1):
         pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
         cos = torch.nn.functional.cosine_similarity(gv, pv, dim=1, eps=eps).abs()
-        # sym_sqrt keeps the fan-in symbolic when traced: one compiled kernel serves every shape.
-        conds.append(cos.max() < delta / torch.sym_sqrt(pv.shape[1]))
-        p_n = p / pv.norm(dim=1).view(expand).add(eps)
-        projected.append(perturb - p_n * (p_n * perturb).reshape(rows, -1).sum(dim=1).view(expand))
-    channel, layer = conds
-    out = torch.where(channel, projected[0], torch.where(layer, projected[1], perturb))
-    one = p.new_ones(())
-    ratio = torch.where(channel | layer, one * wd_ratio, one)
-    return out, ratio
+        if cos.max() < delta / math.sqrt(pv.shape[1]):
+            p_n = p / pv.norm(dim=1).view(expand).add(eps)
+            return perturb - p_n * (p_n * perturb).reshape(rows, -1).sum(dim=1).view(expand), wd_ratio
+    return perturb, 1.0
 
 
 def _decay_and_step(p, perturb, ratio, lr, wd_coef, step_size):
