@@ -11,25 +11,26 @@ from ..core.registry import register
 
 
 def _cosines(xs, ys):
-    """cos(x, y) of each pair of tensors, over the whole tensor; 0 where either is the zero tensor."""
-    out = []
-    for dot, nx, ny in zip(mt.dots(xs, ys), mt.norms(xs), mt.norms(ys)):
-        prod = nx * ny
-        nonzero = prod > 0
-        safe = torch.where(nonzero, prod, torch.ones_like(prod))
-        out.append(torch.where(nonzero, dot / safe, torch.zeros_like(prod)))
-    return out
+    """cos(x, y) of each pair of tensors over the whole tensor, as one vector; 0 where either is the zero tensor.
+
+    The per-tensor numbers are stacked so that the arithmetic on them is a few vector ops, not a few per tensor.
+    """
+    dots = torch.stack(mt.dots(xs, ys))
+    prod = torch.stack(mt.norms(xs)) * torch.stack(mt.norms(ys))
+    nonzero = prod > 0
+    return torch.where(nonzero, dots / torch.where(nonzero, prod, torch.ones_like(prod)), torch.zeros_like(prod))
 
 
 def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
     """s <- decay s + (1-decay) cos(m, g);  m <- momentum m + ((1 + s)/2 + eps) g  (one s per tensor)."""
     cos = _cosines(momentum_buffer, grads)
-    for m, g, si, c in zip(momentum_buffer, grads, s, cos):
-        si.mul_(decay).add_(c * (1.0 - decay))
-        # The one-number weight broadcasts inside addcmul_ (no model-sized temporary for the weighted gradient);
-        # dropping s's leading dim of 1 lets it broadcast to 0-dim tensors (and, as (2,), to complex views).
-        weight = (1.0 + si) * 0.5 + eps
-        m.mul_(momentum).addcmul_(g, weight.reshape(weight.shape[1:]))
+    s_all = torch.cat(list(s))  # (n,), or (n, 2) for complex params viewed as real
+    s_all = s_all * decay + cos.reshape(-1, *[1] * (s_all.dim() - 1)) * (1.0 - decay)
+    mt.copy_(s, s_all.split(1))
+    weights = (1.0 + s_all) * 0.5 + eps
+    for m, g, w in zip(momentum_buffer, grads, weights):
+        # The one-number weight broadcasts inside addcmul_ (no model-sized temporary for the weighted gradient).
+        m.mul_(momentum).addcmul_(g, w)
 
 
 def tam_update(params, grads, momentum_buffer, s, *, lr, momentum, decay, eps):
