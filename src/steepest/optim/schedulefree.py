@@ -55,10 +55,15 @@ def adamw_schedulefree_update(params, grads, z, exp_avg_sq, *, lr, ckp1, y_coef,
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(mt.div(exp_avg_sq, bias_correction2))
     mt.add_scalar_(denom, eps)
-    normalized = mt.div(grads, denom)
     if decay:
+        normalized = mt.div(grads, denom)
         mt.add_(normalized, params, weight_decay)
-    _sf_step(params, normalized, z, lr, ckp1, y_coef)
+        _sf_step(params, normalized, z, lr, ckp1, y_coef)
+        return
+    # Without decay the normalised gradient enters both updates as a quotient: one pass fewer (eager).
+    mt.lerp_(params, z, ckp1)
+    mt.addcdiv_(params, grads, denom, y_coef)
+    mt.addcdiv_(z, grads, denom, -lr)
 
 
 class _ScheduleFree(Optimizer):
