@@ -53,14 +53,23 @@ def _project(p, grad, perturb, delta, wd_ratio, eps):
 
 
 def _project_eager(p, grad, perturb, delta, wd_ratio, eps):
-    """:func:`_project` in the authors' order, stopping at the first view whose cosine is small."""
+    """:func:`_project` in the authors' order, stopping at the first view whose cosine is small.
+
+    The cosines come from one read of p and g: per-row dot products and norms without temporaries (the whole
+    tensor's are their totals), the numbers of ``cosine_similarity`` up to rounding.
+    """
+    rows = p.shape[0]
+    pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
+    dot = torch.einsum("ij,ij->i", gv, pv)
+    g_norm, p_norm = torch.linalg.vector_norm(gv, dim=1), torch.linalg.vector_norm(pv, dim=1)
+    views = ((rows, dot, g_norm, p_norm),
+             (1, dot.sum().view(1), g_norm.square().sum().sqrt().view(1), p_norm.square().sum().sqrt().view(1)))
     expand = [-1] + [1] * (p.dim() - 1)
-    for rows in (p.shape[0], 1):
-        pv, gv = p.reshape(rows, -1), grad.reshape(rows, -1)
-        cos = torch.nn.functional.cosine_similarity(gv, pv, dim=1, eps=eps).abs()
-        if cos.max() < delta / math.sqrt(pv.shape[1]):
-            p_n = p / pv.norm(dim=1).view(expand).add(eps)
-            return perturb - p_n * (p_n * perturb).reshape(rows, -1).sum(dim=1).view(expand), wd_ratio
+    for view_rows, d, gn, pn in views:
+        cos = (d / (gn.clamp_min(eps) * pn.clamp_min(eps))).abs()
+        if cos.max() < delta / math.sqrt(p.numel() // view_rows):
+            p_n = p / pn.view(expand).add(eps)
+            return perturb - p_n * (p_n * perturb).reshape(view_rows, -1).sum(dim=1).view(expand), wd_ratio
     return perturb, 1.0
 
 
