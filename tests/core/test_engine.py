@@ -393,3 +393,44 @@ def test_matrix_view_kernels_match_eager_for_every_shape(name):
     for a, b in zip(fused, eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert any(not torch.allclose(a, b) for a, b in zip(eager, unprojected) if a.dim() > 1)
+
+
+def test_background_compiles_take_turns(monkeypatch):
+    """Tracing keeps process-wide state in torch, so kernels compiling in background threads (here SGDP's flat and
+    matrix layouts) must not overlap; both still compile and the steps match eager."""
+    import threading
+    import time
+
+    from steepest.core import base
+
+    running, overlap, real = [0], [0], base._compile_flat
+    guard = threading.Lock()
+
+    def watched(*args, **kwargs):
+        with guard:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+        time.sleep(0.2)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(base, "_compile_flat", watched)
+
+    def run(compile):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(6, 5), (17,), (3, 2, 2)]]
+        opt = steepest.SGDP(ps, lr=0.01, momentum=0.9, weight_decay=0.1, compile=compile)
+        for t in range(3):
+            for p in ps:
+                p.grad = torch.cos(p.detach() * (t + 2))
+            opt.step()
+            opt.wait_compiled(120)
+        return ps, opt
+
+    fused, opt = run("background")
+    assert overlap[0] == 1 and sorted(k[-1] for k, v in opt._kernels.items() if v is not None) == ["flat", "matrix"]
+    for a, b in zip(fused, run(False)[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -22,6 +22,7 @@ params or states, and stochastic rounding on write-back.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import types
@@ -126,6 +127,11 @@ class _FusedPlan(NamedTuple):
     chunks: list[_FlatChunk]
 
 
+# Tracing keeps process-wide state (torch.fx's patcher, inductor's caches): two kernels compiled at once, say
+# two layouts of one optimizer in background threads, fail. Jobs take turns.
+_COMPILE_LOCK = threading.Lock()
+
+
 class _CompileJob:
     """One kernel compiled on stand-in arguments, here or in a daemon thread; ``result`` holds the compiled
     callable once ``done`` is set, ``error`` what stopped the compiler."""
@@ -142,7 +148,7 @@ class _CompileJob:
 
     def _run(self, compile_fn, args) -> None:
         try:
-            with torch.no_grad():
+            with _COMPILE_LOCK, torch.no_grad():
                 self.result = compile_fn(*args)
         except BaseException as err:  # noqa: BLE001 - reported to the optimizer, which falls back to eager
             self.error = err
@@ -159,6 +165,17 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return _flat_kernels_compiled + counters["stats"]["unique_graphs"]
+
+
+class _NoArtifactWarning(logging.Filter):
+    """Drops inductor's warning that a standalone compile could not save its cache artifacts: the engine never
+    saves them (kernels compiled concurrently in background threads make that save fail)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "artifact generation failed" not in record.getMessage()
+
+
+_no_artifact_warning = _NoArtifactWarning()
 
 
 def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True) -> _FlatKernel:
@@ -193,6 +210,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         with mt.tracing():
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
+        logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (1-D, contiguous); per-call size asserts would cost a third
         # of the call.
         kernel = standalone(graph, example, dynamic_shapes="from_graph",
@@ -275,7 +293,8 @@ class Optimizer(torch.optim.Optimizer):
             background thread (on stand-in tensors) while the steps run eager, switching once it is
             ready: no compile stall (seconds, ~10 s on a fresh machine), at the price of eager-speed
             first steps and a switch point that depends on timing (eager and fused agree to rounding,
-            not bit for bit).
+            not bit for bit). Tracing is not thread-safe in torch: a ``torch.compile`` of the model that
+            traces while the thread does can fail (this optimizer then warns and stays eager).
             :meth:`wait_compiled` blocks until pending kernels are ready. A compiler failure falls
             back to eager with a warning.
         skip_nonfinite: if True, a step whose gradients contain NaN or Inf changes nothing (no
