@@ -119,8 +119,8 @@ class _FlatChunk(NamedTuple):
 
 
 class _FusedPlan(NamedTuple):
-    """A bucket's compiled-path layout: the addresses it was made for, the fused indices (largest first) and,
-    where the update flattens, the kernel calls over them."""
+    """A bucket's compiled-path layout: the addresses it was made for, the fused indices and the kernel calls
+    over them."""
 
     sig: tuple[int, ...]
     order: list[int]
@@ -184,9 +184,10 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
     The update is traced once on stand-in tensors with symbolic sizes and compiled by inductor without
     dynamo (``torch._inductor.standalone_compile``): no guards are evaluated per call (~16 us a call
     against ~60-110 us through ``torch.compile``, which the engine pays once per chunk per step). The
-    guards' job is the engine's: a kernel is keyed on device, dtypes and code-path options, and it is
-    only called on contiguous 1-D tensors of at least two elements. Where that API is missing, the same
-    flat function goes through ``torch.compile`` and is traced on the stand-ins.
+    guards' job is the engine's: a kernel is keyed on device, dtypes, code-path options and layout, and it
+    is only called on contiguous tensors of its layout (flat, or (rows, cols) matrices) with at least two
+    elements; a trace that depends on sizes is refused. Where that API is missing, the same flat function
+    goes through ``torch.compile`` and is traced on the stand-ins.
     """
     global _flat_kernels_compiled
     params, grads, states, scalars, wd = standins
@@ -211,8 +212,8 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
-        # The engine builds every argument itself (1-D, contiguous); per-call size asserts would cost a third
-        # of the call.
+        # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
+        # cost a third of the call.
         kernel = standalone(graph, example, dynamic_shapes="from_graph",
                             options={"config_patches": {"size_asserts": False}})
         _flat_kernels_compiled += 1
@@ -516,9 +517,7 @@ class Optimizer(torch.optim.Optimizer):
             self._run_bucket(group, bucket, step, device, bucket_states)
 
     def _run_bucket(self, group: dict[str, Any], params: list[Tensor], step: int, device: torch.device,
-                    param_states: list[dict[str, Any]] | None = None) -> None:
-        if param_states is None:
-            param_states = [self.state[p] for p in params]
+                    param_states: list[dict[str, Any]]) -> None:
         names = [k for k in param_states[0] if k != "step"]
         grads = [p.grad for p in params]
         states = {k: [st[k] for st in param_states] for k in names}
@@ -724,9 +723,9 @@ class Optimizer(torch.optim.Optimizer):
             if kernel is None:
                 continue
             run, shaped = kernel
-            view = chunk.grad_shape
             try:
-                chunk_grads = [grads[i] for i in chunk.idx] if shaped else [grads[i].view(view) for i in chunk.idx]
+                chunk_grads = ([grads[i] for i in chunk.idx] if shaped
+                               else [grads[i].view(chunk.grad_shape) for i in chunk.idx])
                 run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
             except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
                 self._compile_failed(key + (chunk.layout,), err)

@@ -126,8 +126,11 @@ _PROJECTION_NOTE = """
     per-channel component along p (p_n = p / (||p|| + eps) per channel); otherwise, if |cos(g, p)| over
     the whole tensor < delta / sqrt(numel), it loses its whole-tensor component; when a projection
     happens, weight decay is scaled by ``wd_ratio``. 0- and 1-dim parameters are never projected.
-    Both candidates are computed and selected with ``torch.where`` (no host synchronisation), which
-    gives the package's result. Zero-size parameters are left unprojected (the package fails on them).
+    Eager, the views are tried in the package's order (one host read each); the compiled kernel takes
+    every sum from one pass of per-row sums and selects with ``torch.where`` (no host synchronisation):
+    the package's result up to rounding. With ``compile``, a parameter of 2+ dims runs as its
+    (shape[0], rest) matrix, so one kernel serves every shape. Zero-size parameters are left
+    unprojected (the package fails on them).
 """
 
 
