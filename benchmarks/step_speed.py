@@ -4,7 +4,8 @@ For each registered elementwise optimizer, on N float32 parameters in T tensors,
 eager and fused ms/step (median after warm-up), first fused step (compile) seconds, the floor
 (bytes read+written per step / measured bandwidth), the ratio to it, the ratios to
 torch.optim.AdamW's default (for-each) step and to its fused step, timed interleaved in the same run,
-and the state bytes per parameter actually allocated.
+and the state bytes per parameter actually allocated. With AdamW among the methods, a last line times
+steepest's fused AdamW on torch's fused AdamW's own buffers (the ratio without any placement difference).
 
 Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
 word; write p and each state word). The bandwidth behind each floor is measured on the very tensors the
@@ -124,6 +125,21 @@ def time_interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, flo
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def same_buffers(params, rounds: int) -> None:
+    """steepest's fused AdamW and torch's fused AdamW on the very same params, grads and state tensors (ours
+    points its exp_avg and exp_avg_sq at torch's), timed interleaved: no buffer-placement difference between
+    the two, so the ratio is the steps' own."""
+    ref = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    ref.step()
+    ours = steepest.AdamW(params, lr=1e-6, compile=True)
+    for p in params:
+        ours.state[p].update(step=1, exp_avg=ref.state[p]["exp_avg"], exp_avg_sq=ref.state[p]["exp_avg_sq"])
+    ours.step()
+    ms = time_interleaved({"ours": ours.step, "torch": ref.step}, rounds)
+    print(f"\nsame buffers as torch fused AdamW: steepest fused AdamW {ms['ours']:.2f} ms, torch fused "
+          f"{ms['torch']:.2f} ms, ratio {ms['ours'] / ms['torch']:.3f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=16 * 2**20)
@@ -207,6 +223,8 @@ def main(argv=None):
         del eager, candidates, ref, ref_fused
         if not args.no_fused:
             del fused
+    if not args.no_fused and any(m.name == "adamw" for m in chosen):
+        same_buffers(params, args.rounds)
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
           "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager/fl over "

@@ -30,6 +30,8 @@ def test_step_speed_prints_a_row_per_method(monkeypatch, capsys):
         values = [float(c) for c in cells]
         # floor ms (the fourth cell) of a 4096-element step can print as 0.00; every ratio and time is positive
         assert len(values) == 12 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
+    same = [line for line in out.splitlines() if line.startswith("same buffers as torch fused AdamW")]
+    assert len(same) == 1 and float(same[0].split()[-1]) > 0
 
 
 @pytest.mark.parametrize("argv", [["--blocks", "1", "--dim", "32", "--only", "muon", "--steps", "2"],
