@@ -434,3 +434,27 @@ def test_background_compiles_take_turns(monkeypatch):
     assert overlap[0] == 1 and sorted(k[-1] for k, v in opt._kernels.items() if v is not None) == ["flat", "matrix"]
     for a, b in zip(fused, run(False)[0]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_step_inside_torch_compile_is_traced_into_the_callers_graph():
+    """A compiled training step (torch.compile(opt.step)) traces the update itself: the engine's own fused path
+    stands aside, so there is no graph break, and the numbers are the eager step's."""
+    from torch._dynamo.utils import counters
+
+    def run(step_of):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(20, 10, dtype=torch.float64)),
+              torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+        opt = steepest.AdamW(ps, lr=0.1, weight_decay=0.1, compile=True)
+        step = step_of(opt)
+        for t in range(3):
+            for p in ps:
+                p.grad = torch.cos(p.detach() * (t + 1))
+            step()
+        return ps
+
+    counters.clear()
+    compiled = run(lambda opt: torch.compile(opt.step))
+    assert not counters["graph_break"]
+    for a, b in zip(compiled, run(lambda opt: opt.step)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

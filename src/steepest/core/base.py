@@ -560,7 +560,8 @@ class Optimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:
-        if self.compile is False or not self.fusable or not self._flattenable():
+        # Inside the caller's torch.compile (a compiled training step) the update is traced into their graph.
+        if self.compile is False or not self.fusable or not self._flattenable() or torch.compiler.is_compiling():
             return False
         if self.compile in (True, "background"):
             return True
