@@ -34,11 +34,17 @@ def _betas_check(name: str, value: Any) -> None:
 _betas_check.bad_example = (1.5, 0.999)
 
 
-def _sf_step(y, g, z, lr, ckp1, y_coef):
-    """y <- (1-c) y + c z + y_coef g, y_coef = lr (beta (1-c) - 1); z <- z - lr g (y holds the params)."""
+def _sf_step(y, g, z, lr, ckp1, y_coef, denom=None):
+    """y <- (1-c) y + c z + y_coef g, y_coef = lr (beta (1-c) - 1); z <- z - lr g (y holds the params).
+
+    With ``denom``, g / denom takes g's place, read as a quotient in both updates (no temporary for it)."""
     mt.lerp_(y, z, ckp1)
-    mt.add_(y, g, y_coef)
-    mt.add_(z, g, -lr)
+    if denom is None:
+        mt.add_(y, g, y_coef)
+        mt.add_(z, g, -lr)
+    else:
+        mt.addcdiv_(y, g, denom, y_coef)
+        mt.addcdiv_(z, g, denom, -lr)
 
 
 def sgd_schedulefree_update(params, grads, z, *, lr, ckp1, y_coef, weight_decay, decay=False):
@@ -59,11 +65,8 @@ def adamw_schedulefree_update(params, grads, z, exp_avg_sq, *, lr, ckp1, y_coef,
         normalized = mt.div(grads, denom)
         mt.add_(normalized, params, weight_decay)
         _sf_step(params, normalized, z, lr, ckp1, y_coef)
-        return
-    # Without decay the normalised gradient enters both updates as a quotient: one pass fewer (eager).
-    mt.lerp_(params, z, ckp1)
-    mt.addcdiv_(params, grads, denom, y_coef)
-    mt.addcdiv_(z, grads, denom, -lr)
+    else:  # the normalised gradient as a quotient: one eager pass fewer
+        _sf_step(params, grads, z, lr, ckp1, y_coef, denom)
 
 
 class _ScheduleFree(Optimizer):
