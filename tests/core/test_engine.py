@@ -436,16 +436,18 @@ def test_background_compiles_take_turns(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_step_inside_torch_compile_is_traced_into_the_callers_graph():
+@pytest.mark.parametrize("name", ["adamw", "adamp"])
+def test_step_inside_torch_compile_is_traced_into_the_callers_graph(name):
     """A compiled training step (torch.compile(opt.step)) traces the update itself: the engine's own fused path
-    stands aside, so there is no graph break, and the numbers are the eager step's."""
+    stands aside, so there is no graph break, and the numbers are the eager step's (AdamP: its traced projection,
+    whose realized values stay ordinary values of the caller's graph)."""
     from torch._dynamo.utils import counters
 
     def run(step_of):
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(20, 10, dtype=torch.float64)),
               torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
-        opt = steepest.AdamW(ps, lr=0.1, weight_decay=0.1, compile=True)
+        opt = steepest.get(name).cls(ps, lr=0.1, weight_decay=0.1, compile=True)
         step = step_of(opt)
         for t in range(3):
             for p in ps:
@@ -458,3 +460,52 @@ def test_step_inside_torch_compile_is_traced_into_the_callers_graph():
     assert not counters["graph_break"]
     for a, b in zip(compiled, run(lambda opt: opt.step)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_realized_values_are_kernel_outputs_and_leave_the_numbers_alone(monkeypatch):
+    """mt.realize marks a small value that inductor must store once instead of inlining its formula into the
+    param-sized loop: the traced graph returns exactly the realized values, and the fused step equals eager.
+    Eager it hands back its argument (numbers included)."""
+    from steepest.core import multitensor as mt
+
+    x = torch.ones(3)
+    assert mt.realize(x) is x and mt.realize(0.5) == 0.5
+
+    def scaled_step(params, grads, *, lr):
+        for p, g in zip(params, grads):
+            scale = mt.realize(lr / (g.square().sum().sqrt() + 1.0))  # a per-tensor number: one value per call
+            p.sub_(g * scale)
+
+    class NormScaled(steepest.Optimizer):
+        hyperparams = {"lr": checks.nonnegative}
+        whole_tensor_reductions = True
+        elementwise = False
+        update = staticmethod(scaled_step)
+
+        def __init__(self, params, lr, compile):
+            super().__init__(params, dict(lr=lr), compile=compile)
+
+    graphs = []
+    standalone = torch._inductor.standalone_compile
+
+    def capture(graph, *args, **kwargs):
+        graphs.append(graph)
+        return standalone(graph, *args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", capture)
+
+    def run(compile):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n, dtype=torch.float64)) for n in (7, 12)]
+        opt = NormScaled(params, lr=0.3, compile=compile)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (t + 2))
+            opt.step()
+        return params
+
+    fused = run(True)
+    (output,) = [n for n in graphs[0].graph.nodes if n.op == "output"]
+    returned = output.args[0]
+    assert len(returned) == 1 and returned[0].meta["val"].shape == ()
+    for a, b in zip(fused, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)

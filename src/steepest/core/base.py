@@ -193,6 +193,8 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
     params, grads, states, scalars, wd = standins
     count, names, scalar_names = len(params), list(states), list(scalars)
 
+    realized: list[Tensor] = []
+
     def flat_update(*flat):
         cut = 2 * count
         states_in = {k: list(flat[cut + j * count: cut + (j + 1) * count]) for j, k in enumerate(names)}
@@ -200,7 +202,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         scalars_in = dict(zip(scalar_names, flat[cut:cut + len(scalar_names)]))
         _apply_update(update, list(flat[:count]), list(flat[count:2 * count]), states_in, scalars_in, flat[-1],
                       **options)
-        return ()
+        return tuple(realized)  # filled by mt.realize while traced: inductor stores what a graph returns
 
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
     standalone = getattr(torch._inductor, "standalone_compile", None)
@@ -208,7 +210,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
     else:
-        with mt.tracing():
+        with mt.tracing(realized):
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)

@@ -35,14 +35,30 @@ def compiling() -> bool:
 
 
 @contextmanager
-def tracing() -> Iterator[None]:
-    """Mark this thread as tracing an update for compilation (see :func:`compiling`)."""
-    before = getattr(_trace_state, "active", False)
-    _trace_state.active = True
+def tracing(realized: list[Tensor] | None = None) -> Iterator[None]:
+    """Mark this thread as tracing an update for compilation (see :func:`compiling`); :func:`realize` appends
+    to ``realized``, which the traced function returns."""
+    before = getattr(_trace_state, "active", False), getattr(_trace_state, "realized", None)
+    _trace_state.active, _trace_state.realized = True, realized
     try:
         yield
     finally:
-        _trace_state.active = before
+        _trace_state.active, _trace_state.realized = before
+
+
+def realize(x: Scalar) -> Scalar:
+    """x, computed once into a buffer of its own in the engine's compiled kernel.
+
+    For small tensors (a per-tensor scalar, per-row coefficients) that a param-sized loop reads: inductor
+    otherwise inlines their whole formula (square roots, divisions, selects) into that loop, where it is
+    evaluated again for every vector of elements and can make a memory-bound step compute-bound. Inductor
+    stores a value the graph also returns, so the engine's tracer returns what is passed here. Eager, and
+    inside a caller's ``torch.compile``, x is returned as it is (so are Python numbers).
+    """
+    realized = getattr(_trace_state, "realized", None)
+    if realized is not None and isinstance(x, Tensor):
+        realized.append(x)
+    return x
 
 
 def _is_tensor(s: object) -> bool:

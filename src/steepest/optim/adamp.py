@@ -45,11 +45,11 @@ def _project(p, grad, perturb, delta, wd_ratio, eps):
     layer = below(gp.sum(), gg.sum(), pp.sum(), p.numel())
     per_channel = pu / (pp.sqrt() + eps) ** 2
     whole = pu.sum() / (pp.sum().sqrt() + eps) ** 2
-    coef = torch.where(channel, per_channel, whole.expand_as(per_channel)).view(-1, 1)
-    projected = (uv - pv * coef).view(p.shape)
-    out = torch.where(channel | layer, projected, perturb)
+    coef = mt.realize(torch.where(channel, per_channel, whole.expand_as(per_channel)))
+    applies = mt.realize(channel | layer)
+    projected = (uv - pv * coef.view(-1, 1)).view(p.shape)
     one = p.new_ones(())
-    return out, torch.where(channel | layer, one * wd_ratio, one)
+    return torch.where(applies, projected, perturb), mt.realize(torch.where(applies, one * wd_ratio, one))
 
 
 def _project_eager(p, grad, perturb, delta, wd_ratio, eps):
@@ -76,10 +76,7 @@ def _project_eager(p, grad, perturb, delta, wd_ratio, eps):
 def _decay_and_step(p, perturb, ratio, lr, wd_coef, step_size):
     """p <- p (1 - lr wd ratio) - step_size perturb, as the package (decay skipped when wd = 0)."""
     if wd_coef is not None:
-        if ratio is None:
-            p.mul_(1.0 - wd_coef)
-        else:
-            p.mul_(1.0 - wd_coef * ratio)
+        p.mul_(mt.realize(1.0 - wd_coef if ratio is None else 1.0 - wd_coef * ratio))
     if isinstance(step_size, torch.Tensor):
         p.add_(perturb * -step_size)
     else:
@@ -100,7 +97,7 @@ def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, b
         mt.add_(num, grads, 1.0 - beta1)
     else:
         num = exp_avg
-    step_size = lr / bias_correction1
+    step_size = mt.realize(lr / bias_correction1)
     for p, g, n, d in zip(params, grads, num, denom):
         perturb, ratio = _project(p, g, torch.div(n, d, out=d), delta, wd_ratio, eps)  # denom is scratch
         _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
