@@ -509,3 +509,20 @@ def test_realized_values_are_kernel_outputs_and_leave_the_numbers_alone(monkeypa
     assert len(returned) == 1 and returned[0].meta["val"].shape == ()
     for a, b in zip(fused, run(False)):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def test_cpu_isa_probes_give_inductor_its_own_answers():
+    """The engine runs inductor's vector-ISA probes side by side before its first CPU kernel: each answer must be
+    the one inductor's list of valid ISAs holds (the probes are inductor's own, cached where it reads them)."""
+    from torch._inductor import cpu_vec_isa
+
+    from steepest.core.base import _start_cpu_isa_probes, _wait
+
+    probes = _start_cpu_isa_probes()
+    _wait(probes)
+    valid = cpu_vec_isa.valid_vec_isa_list()
+    if {"avx2", "avx512"} <= set(cpu_vec_isa.x86_isa_checker()):
+        assert len(probes) >= 2
+    for isa, future in probes:
+        assert future.result() == (isa in valid)
+    assert _start_cpu_isa_probes() is probes  # once per process

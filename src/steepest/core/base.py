@@ -22,6 +22,7 @@ params or states, and stochastic rounding on write-back.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -29,6 +30,7 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -178,6 +180,42 @@ class _NoArtifactWarning(logging.Filter):
 _no_artifact_warning = _NoArtifactWarning()
 
 
+_cpu_isa_probes: list[tuple[Any, Future]] | None = None
+
+
+def _start_cpu_isa_probes() -> list[tuple[Any, Future]]:
+    """Start inductor's CPU instruction-set probes side by side, once per process; returns (ISA, future) pairs.
+
+    Inductor checks each vector ISA the CPU reports (AVX-512 VNNI, AVX-512, AVX2 on a recent x86) by building a
+    test library with its flags and loading it in a child process, one after another when it first compiles for
+    the CPU: ~5 s on a fresh machine, ~1 s per process once built. These are the same probes, each in a thread
+    (the builds and loads are subprocesses) while the update is traced; each answer is cached where inductor
+    reads it. Where torch's internals differ, inductor probes as usual.
+    """
+    global _cpu_isa_probes
+    if _cpu_isa_probes is not None:
+        return _cpu_isa_probes
+    _cpu_isa_probes = []
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        reported = cpu_vec_isa.x86_isa_checker()
+        candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                      if reported and all(flag in reported for flag in str(isa).split())]
+    except (ImportError, AttributeError):
+        return _cpu_isa_probes
+    if len(candidates) > 1:
+        pool = ThreadPoolExecutor(len(candidates), thread_name_prefix="steepest-isa-probe")
+        _cpu_isa_probes = [(isa, pool.submit(bool, isa)) for isa in candidates]
+        pool.shutdown(wait=False)
+    return _cpu_isa_probes
+
+
+def _wait(probes: list[tuple[Any, Future]]) -> None:
+    for _, future in probes:
+        future.exception()  # a probe that failed leaves the ISA to inductor's own probe
+
+
 def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True) -> _FlatKernel:
     """The flat path's compiled update: a callable over ``(*params, *grads, *states, *scalars, wd)``.
 
@@ -205,14 +243,18 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         return tuple(realized)  # filled by mt.realize while traced: inductor stores what a graph returns
 
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
+    probes = _start_cpu_isa_probes() if params[0].device.type == "cpu" else []
     standalone = getattr(torch._inductor, "standalone_compile", None)
     if standalone is None:
+        _wait(probes)
         kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
     else:
+        importlib.import_module("torch._inductor.compile_fx")  # ~1 s on a first compile: while the probes run
         with mt.tracing(realized):
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
+        _wait(probes)
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
         # cost a third of the call.
