@@ -526,3 +526,19 @@ def test_cpu_isa_probes_give_inductor_its_own_answers():
     for isa, future in probes:
         assert future.result() == (isa in valid)
     assert _start_cpu_isa_probes() is probes  # once per process
+
+
+def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():
+    """mt.norms / mt.squared_norms (eager: dot products on the CPU, the for-each norm elsewhere) against float64,
+    for a large tensor, a non-contiguous one, empty and zero tensors, and Inf/NaN entries."""
+    from steepest.core import multitensor as mt
+
+    torch.manual_seed(0)
+    floats = [torch.randn(1 << 20) * 3 + 1, torch.randn(7, 5).t(), torch.zeros(0), torch.zeros(3),
+              torch.tensor([float("inf"), 1.0]), torch.tensor([float("nan"), 1.0]), torch.randn(9, dtype=torch.float64)]
+    for xs, rtol in ((floats, 1.5e-5), ([torch.randn(6).bfloat16(), torch.randn(5)], 1e-2)):
+        for x, n, s in zip(xs, mt.norms(xs), mt.squared_norms(xs)):
+            ref = x.double().square().sum()
+            assert n.dtype == x.dtype and s.dtype == x.dtype and n.dim() == 0 and s.dim() == 0
+            torch.testing.assert_close(s.double(), ref, rtol=rtol, atol=0, equal_nan=True)
+            torch.testing.assert_close(n.double(), ref.sqrt(), rtol=rtol, atol=0, equal_nan=True)

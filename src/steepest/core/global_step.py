@@ -50,7 +50,7 @@ def l1_norms(xs: list[Tensor]) -> list[Tensor]:
 
 
 def sq_norms(xs: list[Tensor]) -> list[Tensor]:
-    return [n * n for n in torch._foreach_norm(xs)] if xs else []
+    return mt.squared_norms(xs) if xs else []
 
 
 class Piece(NamedTuple):

@@ -14,7 +14,7 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
                     decay=False):
     """v <- b2_t v + (1-b2_t) ||g||^2 (b2_t = 0 on the first step: v_1 = ||g_1||^2);
     m <- b1 m + grad_scale (g / sqrt(v + eps) + wd p);  p <- p - lr m."""
-    sq = [n * n for n in mt.norms(grads)]
+    sq = mt.squared_norms(grads)
     for v, s in zip(exp_avg_sq, sq):
         v.mul_(beta2_t).add_(s * (1.0 - beta2_t))
     # v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too.

@@ -126,7 +126,7 @@ class ALRSMAG(Optimizer):
             mt.add_(work_d, grads)
             for d, w in zip(bufs, work_d):
                 write_back_(d, w, self.stochastic_rounding)
-            squares += [n.double() ** 2 for n in mt.norms([_work(d) for d in bufs])]
+            squares += [n.double() for n in mt.squared_norms([_work(d) for d in bufs])]
         sq = float(torch.stack([s.cpu() for s in squares]).sum())
 
         first = self.param_groups[0]
