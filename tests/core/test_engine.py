@@ -542,3 +542,26 @@ def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():
             assert n.dtype == x.dtype and s.dtype == x.dtype and n.dim() == 0 and s.dim() == 0
             torch.testing.assert_close(s.double(), ref, rtol=rtol, atol=0, equal_nan=True)
             torch.testing.assert_close(n.double(), ref.sqrt(), rtol=rtol, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_child_forked_during_a_compile_starts_without_its_lock_and_probes():
+    """A process forked while a kernel compiled (its lock taken) and ISA probes ran (futures that no thread of the
+    child will finish) must not inherit either: its own compile would wait forever."""
+    import os
+    from concurrent.futures import Future
+
+    from steepest.core import base
+
+    saved = base._cpu_isa_probes
+    base._cpu_isa_probes = [(None, Future())]  # never finished
+    try:
+        with base._COMPILE_LOCK:
+            pid = os.fork()
+            if pid == 0:
+                free = base._COMPILE_LOCK.acquire(timeout=5)
+                os._exit(0 if free and base._cpu_isa_probes is None else 1)
+            _, status = os.waitpid(pid, 0)
+    finally:
+        base._cpu_isa_probes = saved
+    assert os.waitstatus_to_exitcode(status) == 0

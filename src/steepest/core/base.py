@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
 import threading
 import types
 import warnings
@@ -209,6 +210,18 @@ def _start_cpu_isa_probes() -> list[tuple[Any, Future]]:
         _cpu_isa_probes = [(isa, pool.submit(bool, isa)) for isa in candidates]
         pool.shutdown(wait=False)
     return _cpu_isa_probes
+
+
+def _forget_threads_in_child() -> None:
+    # A child forked while a compile or a probe ran has neither thread: its lock would stay taken and its probes
+    # never finish. It starts afresh.
+    global _COMPILE_LOCK, _cpu_isa_probes
+    _COMPILE_LOCK = threading.Lock()
+    _cpu_isa_probes = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 def _wait(probes: list[tuple[Any, Future]]) -> None:
