@@ -565,3 +565,33 @@ def test_child_forked_during_a_compile_starts_without_its_lock_and_probes():
     finally:
         base._cpu_isa_probes = saved
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_background_compile_pending_at_fork_is_dropped_in_the_child(monkeypatch):
+    """A child forked while a background compile is pending must not wait for it (no thread of the child runs
+    it): wait_compiled drops it instead of blocking, and the child's next step would compile afresh."""
+    import os
+    import threading
+
+    from steepest.core import base
+
+    release = threading.Event()
+
+    def slow_compile(*args):
+        release.wait(30)
+        raise RuntimeError("never used")
+
+    monkeypatch.setattr(base, "_compile_flat", slow_compile)
+    p = torch.nn.Parameter(torch.ones(8))
+    p.grad = torch.ones(8)
+    opt = steepest.AdamW([p], compile="background")
+    opt.step()
+    assert not opt.wait_compiled(timeout=0.01)
+    pid = os.fork()
+    if pid == 0:
+        ok = opt.wait_compiled(timeout=5) and not opt._compile_jobs
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -143,11 +143,17 @@ class _CompileJob:
         self.done = threading.Event()
         self.result: Callable | None = None
         self.error: BaseException | None = None
+        self.pid = os.getpid()
         if wait:
             self._run(compile_fn, args)
         else:
             threading.Thread(target=self._run, args=(compile_fn, args), daemon=True,
                              name="steepest-compile").start()
+
+    @property
+    def orphaned(self) -> bool:
+        """Pending in a process forked from the one that started it, where no thread will finish it."""
+        return self.pid != os.getpid() and not self.done.is_set()
 
     def _run(self, compile_fn, args) -> None:
         try:
@@ -698,7 +704,7 @@ class Optimizer(torch.optim.Optimizer):
         if key in self._kernels:
             return self._kernels[key]
         job = self._compile_jobs.get(key)
-        if job is None:
+        if job is None or job.orphaned:
             chunk_grads = [grads[i] for i in chunk.idx] + chunk.grad_pads
             standins = self._standin_args(chunk.params, chunk_grads, chunk.states, scalars, wd, chunk.layout)
             job = _CompileJob(_compile_flat, (type(self).update, standins, options, chunk.layout == "flat"),
@@ -741,9 +747,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until the kernels ``compile="background"`` is compiling are ready (or ``timeout`` seconds pass);
-        returns True when none is pending. The next step then runs fused."""
-        for job in list(self._compile_jobs.values()):
-            if not job.done.wait(timeout):
+        returns True when none is pending. The next step then runs fused. (A job inherited through fork is
+        dropped: the child's next step compiles it again.)"""
+        for key, job in list(self._compile_jobs.items()):
+            if job.orphaned:
+                del self._compile_jobs[key]
+            elif not job.done.wait(timeout):
                 return False
         return True
 
