@@ -511,21 +511,32 @@ def test_realized_values_are_kernel_outputs_and_leave_the_numbers_alone(monkeypa
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
 
 
-def test_cpu_isa_probes_give_inductor_its_own_answers():
-    """The engine runs inductor's vector-ISA probes side by side before its first CPU kernel: each answer must be
-    the one inductor's list of valid ISAs holds (the probes are inductor's own, cached where it reads them)."""
-    from torch._inductor import cpu_vec_isa
+def test_cpu_isa_probe_builds_inductors_libraries_and_settles_its_answers(monkeypatch):
+    """The engine's ISA probe builds the very test libraries inductor's probe of the best ISA builds (that probe
+    then builds nothing), and the list of valid ISAs it settles equals the one inductor's own probing of every
+    ISA gives (fresh ISA objects probe afresh)."""
+    from torch._inductor import cpp_builder, cpu_vec_isa
 
-    from steepest.core.base import _start_cpu_isa_probes, _wait
+    from steepest.core.base import _CpuIsaProbe, _start_cpu_isa_probe
 
-    probes = _start_cpu_isa_probes()
-    _wait(probes)
-    valid = cpu_vec_isa.valid_vec_isa_list()
-    if {"avx2", "avx512"} <= set(cpu_vec_isa.x86_isa_checker()):
-        assert len(probes) >= 2
-    for isa, future in probes:
-        assert future.result() == (isa in valid)
-    assert _start_cpu_isa_probes() is probes  # once per process
+    probe = _CpuIsaProbe()
+    if probe.best is None:
+        pytest.skip("no x86 vector ISA to probe on this machine")
+    for future in probe.builds:
+        assert future.result() is True
+    builds = []
+    build = cpp_builder.CppBuilder.build
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: (builds.append(self), build(self))[1])
+    assert bool(type(probe.best)()) is True
+    assert builds == []
+    monkeypatch.undo()
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    probe.settle()
+    settled = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    own = [str(isa) for isa in (type(c)() for c in probe.candidates) if isa]
+    assert settled == own and settled[0] == str(probe.best)
+    assert _start_cpu_isa_probe() is _start_cpu_isa_probe()  # once per process
 
 
 def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():
@@ -553,17 +564,19 @@ def test_child_forked_during_a_compile_starts_without_its_lock_and_probes():
 
     from steepest.core import base
 
-    saved = base._cpu_isa_probes
-    base._cpu_isa_probes = [(None, Future())]  # never finished
+    saved = base._cpu_isa_probe
+    pending = base._CpuIsaProbe.__new__(base._CpuIsaProbe)
+    pending.builds = [Future()]  # never finished
+    base._cpu_isa_probe = pending
     try:
         with base._COMPILE_LOCK:
             pid = os.fork()
             if pid == 0:
                 free = base._COMPILE_LOCK.acquire(timeout=5)
-                os._exit(0 if free and base._cpu_isa_probes is None else 1)
+                os._exit(0 if free and base._cpu_isa_probe is None else 1)
             _, status = os.waitpid(pid, 0)
     finally:
-        base._cpu_isa_probes = saved
+        base._cpu_isa_probe = saved
     assert os.waitstatus_to_exitcode(status) == 0
 
 

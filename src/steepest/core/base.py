@@ -22,6 +22,7 @@ params or states, and stochastic rounding on write-back.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -48,9 +49,11 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
 _COMPILE_MIN_NUMEL = 1 << 20
 # Tensors per compiled call of an elementwise update. Each tensor is one loop of the generated kernel: larger
-# kernels compile for longer, and at ~10 us per call chunks of 4 to 20 tensors stepped equally fast on a 2-core
-# CPU (same buffers, interleaved; 16.8M params in 40 tensors).
-_FUSE_CHUNK = 6
+# kernels compile for longer (AdamW's first step on a fresh machine, benchmarks/first_step.py: 5.4-5.5 s at 4,
+# 6.1-6.2 s at 6), and at ~10 us
+# per call chunks of 4 to 20 tensors stepped equally fast on a 2-core CPU (same buffers, interleaved; 16.8M
+# params in 40 tensors).
+_FUSE_CHUNK = 4
 _EAGER_CHUNK_NUMEL = 1 << 18
 _compile_counter = 0
 
@@ -187,52 +190,94 @@ class _NoArtifactWarning(logging.Filter):
 _no_artifact_warning = _NoArtifactWarning()
 
 
-_cpu_isa_probes: list[tuple[Any, Future]] | None = None
+class _CpuIsaProbe:
+    """Inductor's CPU vector-ISA probe, shortened: started once per process, settled before the first CPU kernel.
 
-
-def _start_cpu_isa_probes() -> list[tuple[Any, Future]]:
-    """Start inductor's CPU instruction-set probes side by side, once per process; returns (ISA, future) pairs.
-
-    Inductor checks each vector ISA the CPU reports (AVX-512 VNNI, AVX-512, AVX2 on a recent x86) by building a
-    test library with its flags and loading it in a child process, one after another when it first compiles for
-    the CPU: ~5 s on a fresh machine, ~1 s per process once built. These are the same probes, each in a thread
-    (the builds and loads are subprocesses) while the update is traced; each answer is cached where inductor
-    reads it. Where torch's internals differ, inductor probes as usual.
+    Before its first CPU kernel inductor probes every vector ISA the CPU reports (AVX-512 VNNI, AVX-512, AVX2 on
+    a recent x86), one after another: each builds test libraries with the ISA's flags (g++, ~1 s each, six
+    libraries on such a CPU) and loads them in a child process, ~7 s on a fresh machine, ~1 s per process once
+    built; it then compiles for the best ISA that passed. Here the best ISA's libraries are built side by side in
+    threads while the update is traced, inductor's own probe of that ISA then finds them built, and when it
+    passes, the ISAs below it are taken as passing too (a CPU and compiler that build and run the larger
+    instruction set handle its subsets) and inductor's list of valid ISAs is settled without building theirs.
+    If the best ISA fails, ATEN_CPU_CAPABILITY asks for a particular one, or torch's internals differ, inductor
+    probes as usual.
     """
-    global _cpu_isa_probes
-    if _cpu_isa_probes is not None:
-        return _cpu_isa_probes
-    _cpu_isa_probes = []
-    try:
-        from torch._inductor import cpu_vec_isa
 
-        reported = cpu_vec_isa.x86_isa_checker()
-        candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
-                      if reported and all(flag in reported for flag in str(isa).split())]
-    except (ImportError, AttributeError):
-        return _cpu_isa_probes
-    if len(candidates) > 1:
-        pool = ThreadPoolExecutor(len(candidates), thread_name_prefix="steepest-isa-probe")
-        _cpu_isa_probes = [(isa, pool.submit(bool, isa)) for isa in candidates]
+    def __init__(self) -> None:
+        self.best: Any = None
+        self.candidates: list[Any] = []
+        self.builds: list[Future] = []
+        try:
+            from torch._inductor import cpu_vec_isa
+
+            reported = cpu_vec_isa.x86_isa_checker()
+            self.candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                               if reported and all(flag in reported for flag in str(isa).split())]
+            if not self.candidates or os.environ.get("ATEN_CPU_CAPABILITY"):
+                return
+            self.best = self.candidates[0]
+            jobs = self._libraries(cpu_vec_isa, self.best)
+        except (ImportError, AttributeError):
+            self.best = None
+            return
+        pool = ThreadPoolExecutor(len(jobs), thread_name_prefix="steepest-isa-probe")
+        self.builds = [pool.submit(self._build, self.best, *job) for job in jobs]
         pool.shutdown(wait=False)
-    return _cpu_isa_probes
+
+    @staticmethod
+    def _libraries(cpu_vec_isa: types.ModuleType, isa: Any) -> list[tuple[str, str]]:
+        """(extra flags, code) of each test library inductor's probe of ``isa`` builds, in its order."""
+        jobs = [("", cpu_vec_isa.VecISA._avx_code)]
+        if isinstance(isa, cpu_vec_isa.VecAVX512) and torch.cpu._is_avx512_bf16_supported():
+            jobs.append((" -mavx512bf16", cpu_vec_isa.VecAVX512._avx512_bf16_code))
+        if isinstance(isa, cpu_vec_isa.VecAVX512VNNI) and torch.cpu._is_vnni_supported():
+            jobs.append(("", cpu_vec_isa.VecAVX512VNNI._avx512_vnni_code))
+        return jobs
+
+    @staticmethod
+    def _build(isa: Any, extra_flags: str, code: str) -> bool:
+        variant = copy.copy(isa)
+        variant._arch_flags = isa._arch_flags + extra_flags
+        return variant.check_build(code)
+
+    def settle(self) -> None:
+        """Wait for the builds and settle inductor's list of valid ISAs (see the class docstring)."""
+        for future in self.builds:
+            future.exception()  # a build that failed is built again, or reported, by inductor's own probe
+        if self.best is None:
+            return
+        try:
+            from torch._inductor import config, cpu_vec_isa
+
+            if bool(self.best):
+                with config.patch({"cpp.vec_isa_ok": True}):
+                    cpu_vec_isa.valid_vec_isa_list()
+        except (ImportError, AttributeError):
+            pass
+
+
+_cpu_isa_probe: _CpuIsaProbe | None = None
+
+
+def _start_cpu_isa_probe() -> _CpuIsaProbe:
+    """The process's CPU ISA probe, started on first use."""
+    global _cpu_isa_probe
+    if _cpu_isa_probe is None:
+        _cpu_isa_probe = _CpuIsaProbe()
+    return _cpu_isa_probe
 
 
 def _forget_threads_in_child() -> None:
     # A child forked while a compile or a probe ran has neither thread: its lock would stay taken and its probes
     # never finish. It starts afresh.
-    global _COMPILE_LOCK, _cpu_isa_probes
+    global _COMPILE_LOCK, _cpu_isa_probe
     _COMPILE_LOCK = threading.Lock()
-    _cpu_isa_probes = None
+    _cpu_isa_probe = None
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_threads_in_child)
-
-
-def _wait(probes: list[tuple[Any, Future]]) -> None:
-    for _, future in probes:
-        future.exception()  # a probe that failed leaves the ISA to inductor's own probe
 
 
 def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True) -> _FlatKernel:
@@ -262,18 +307,20 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         return tuple(realized)  # filled by mt.realize while traced: inductor stores what a graph returns
 
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
-    probes = _start_cpu_isa_probes() if params[0].device.type == "cpu" else []
+    isa_probe = _start_cpu_isa_probe() if params[0].device.type == "cpu" else None
     standalone = getattr(torch._inductor, "standalone_compile", None)
     if standalone is None:
-        _wait(probes)
+        if isa_probe is not None:
+            isa_probe.settle()
         kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
     else:
-        importlib.import_module("torch._inductor.compile_fx")  # ~1 s on a first compile: while the probes run
+        importlib.import_module("torch._inductor.compile_fx")  # ~1 s on a first compile, while the ISA probe builds
         with mt.tracing(realized):
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
-        _wait(probes)
+        if isa_probe is not None:
+            isa_probe.settle()
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
         # cost a third of the call.
@@ -355,7 +402,7 @@ class Optimizer(torch.optim.Optimizer):
             2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
             ``False`` never does. ``"background"`` fuses as ``True`` but compiles each kernel in a
             background thread (on stand-in tensors) while the steps run eager, switching once it is
-            ready: no compile stall (seconds, ~10 s on a fresh machine), at the price of eager-speed
+            ready: no compile stall (seconds, ~5-6 s on a fresh machine), at the price of eager-speed
             first steps and a switch point that depends on timing (eager and fused agree to rounding,
             not bit for bit). Tracing is not thread-safe in torch: a ``torch.compile`` of the model that
             traces while the thread does can fail (this optimizer then warns and stays eager).
