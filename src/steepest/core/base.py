@@ -50,9 +50,8 @@ _STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"}
 _COMPILE_MIN_NUMEL = 1 << 20
 # Tensors per compiled call of an elementwise update. Each tensor is one loop of the generated kernel: larger
 # kernels compile for longer (AdamW's first step on a fresh machine, benchmarks/first_step.py: 5.4-5.5 s at 4,
-# 6.1-6.2 s at 6), and at ~10 us
-# per call chunks of 4 to 20 tensors stepped equally fast on a 2-core CPU (same buffers, interleaved; 16.8M
-# params in 40 tensors).
+# 6.1-6.2 s at 6), and at ~10 us per call chunks of 4 to 20 tensors stepped equally fast on a 2-core CPU (same
+# buffers, interleaved; 16.8M params in 40 tensors).
 _FUSE_CHUNK = 4
 _EAGER_CHUNK_NUMEL = 1 << 18
 _compile_counter = 0
