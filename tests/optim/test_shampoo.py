@@ -211,7 +211,9 @@ def test_max_deviation_of_the_default_case_is_tiny():
     got, _ = run_torch(arrays, steps=30, lr=1e-2, eps=1e-4, precondition_frequency=3)
     want = np_shampoo(arrays, steps=30, lr=1e-2, eps=1e-4, precondition_frequency=3)
     dev = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-12))) for a, b in zip(got, want))
-    assert dev < 1e-11
+    # LAPACK's eigh takes different code paths on different CPUs: 5.6e-11 seen on an AVX-512 EPYC, below 1e-11
+    # elsewhere; an algorithmic difference shows as 1e-4 or more.
+    assert dev < 1e-9
 
 
 # --------------------------------------------------------------------------------------------- matrix roots
