@@ -207,6 +207,7 @@ class _CpuIsaProbe:
         self.best: Any = None
         self.candidates: list[Any] = []
         self.builds: list[Future] = []
+        self.settled = False
         try:
             from torch._inductor import cpu_vec_isa
 
@@ -241,7 +242,11 @@ class _CpuIsaProbe:
         return variant.check_build(code)
 
     def settle(self) -> None:
-        """Wait for the builds and settle inductor's list of valid ISAs (see the class docstring)."""
+        """Wait for the builds and settle inductor's list of valid ISAs (see the class docstring); once: inductor's
+        probe of the best ISA loads its libraries in child processes each time it is asked."""
+        if self.settled:
+            return
+        self.settled = True
         for future in self.builds:
             future.exception()  # a build that failed is built again, or reported, by inductor's own probe
         if self.best is None:
