@@ -60,7 +60,9 @@ _compile_counter = 0
 def _apply_update(update, params, grads, states, scalars, wd, *, static, maximize, wd_mode, stochastic):
     """maximize, weight decay, float32 working copies, the update itself, and the write-back.
 
-    This is the function ``torch.compile`` traces for the fused path; eager runs call it directly.
+    This is the function ``torch.compile`` traces for the fused path; eager runs call it directly. Returns what
+    the update returns: nothing, or (a pass of a global-step method) its per-tensor reductions as a dict of
+    lists of 0-dim tensors, one per param.
     """
     if maximize:
         grads = mt.neg(grads)
@@ -71,12 +73,13 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
         mt.mul_(work_p, wd)
     elif wd_mode == "l2":
         work_g = mt.add(work_g, work_p, alpha=wd)
-    update(work_p, work_g, **work_s, **scalars, **static)
+    outputs = update(work_p, work_g, **work_s, **scalars, **static)
     for p, w in zip(params, work_p):
         write_back_(p, w, stochastic)
     for k, v in states.items():
         for s, w in zip(v, work_s[k]):
             write_back_(s, w, stochastic)
+    return outputs
 
 
 def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -300,15 +303,19 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
     count, names, scalar_names = len(params), list(states), list(scalars)
 
     realized: list[Tensor] = []
+    output_names: list[str] = []
 
     def flat_update(*flat):
         cut = 2 * count
         states_in = {k: list(flat[cut + j * count: cut + (j + 1) * count]) for j, k in enumerate(names)}
         cut += len(names) * count
         scalars_in = dict(zip(scalar_names, flat[cut:cut + len(scalar_names)]))
-        _apply_update(update, list(flat[:count]), list(flat[count:2 * count]), states_in, scalars_in, flat[-1],
-                      **options)
-        return tuple(realized)  # filled by mt.realize while traced: inductor stores what a graph returns
+        outputs = _apply_update(update, list(flat[:count]), list(flat[count:2 * count]), states_in, scalars_in,
+                                flat[-1], **options) or {}
+        output_names[:] = sorted(outputs)
+        # realized: filled by mt.realize while traced (inductor stores what a graph returns); then the update's
+        # own outputs, name by name, one per slot.
+        return tuple(realized) + tuple(t for k in output_names for t in outputs[k])
 
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
     isa_probe = _start_cpu_isa_probe() if params[0].device.type == "cpu" else None
@@ -318,6 +325,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
             isa_probe.settle()
         kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
+        kernel = _FlatKernel(kernel, False, tuple(output_names))
     else:
         importlib.import_module("torch._inductor.compile_fx")  # ~1 s on a first compile, while the ISA probe builds
         with mt.tracing(realized):
@@ -332,8 +340,8 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
                             options={"config_patches": {"size_asserts": False}})
         _flat_kernels_compiled += 1
         shaped = probe and not options["stochastic"] and _reads_sizes_from_params(kernel, example, count)
-        return _FlatKernel(kernel, shaped)
-    return _FlatKernel(kernel, False)
+        return _FlatKernel(kernel, shaped, tuple(output_names))
+    return kernel
 
 
 def _check_size_generic(graph: torch.fx.GraphModule, example: list[Tensor]) -> None:
@@ -356,10 +364,12 @@ def _check_size_generic(graph: torch.fx.GraphModule, example: list[Tensor]) -> N
 
 
 class _FlatKernel(NamedTuple):
-    """A compiled flat-path update, and whether its gradients may keep their own (contiguous) shape."""
+    """A compiled flat-path update, whether its gradients may keep their own (contiguous) shape, and the names of
+    the per-slot outputs it returns last (a global-step pass's reductions), one per slot each."""
 
     run: Callable[..., Any]
     shaped_grads: bool
+    outputs: tuple[str, ...] = ()
 
 
 def _reads_sizes_from_params(kernel: Callable, example: list[Tensor], count: int) -> bool:
@@ -367,7 +377,8 @@ def _reads_sizes_from_params(kernel: Callable, example: list[Tensor], count: int
 
     Then gradients go in as they are, contiguous of any shape, instead of as flat views (a view costs ~1-2 us
     of the step per tensor). Checked here by running the kernel on small inputs twice, with flat and with
-    2-D gradients: a kernel that read a grad's size would update fewer elements in the second run.
+    2-D gradients: a kernel that read a grad's size would update (or reduce over) fewer elements in the second
+    run.
     """
     def small(t: Tensor, size: int) -> Tensor:
         n = 6 if t.numel() == size else t.numel()
@@ -381,8 +392,9 @@ def _reads_sizes_from_params(kernel: Callable, example: list[Tensor], count: int
                 for i, t in enumerate(example)]
         if shaped:
             args[count:2 * count] = [g.view(2, 3) if g.numel() == 6 else g for g in args[count:2 * count]]
-        kernel(*args)
-        runs.append([a.reshape(-1) for i, a in enumerate(args) if not count <= i < 2 * count])
+        outputs = kernel(*args) or ()
+        runs.append([a.reshape(-1) for i, a in enumerate(args) if not count <= i < 2 * count]
+                    + [o.reshape(-1) for o in outputs])
     return all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(*runs))
 
 
@@ -682,7 +694,7 @@ class Optimizer(torch.optim.Optimizer):
         return sum(p.numel() for p in params) >= _COMPILE_MIN_NUMEL
 
     def _fused_plan(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: dict[str, list[Tensor]]) -> _FusedPlan:
+                    states: dict[str, list[Tensor]], elementwise: bool | None = None) -> _FusedPlan:
         """Which tensors of a bucket the compiled kernel takes, in which order, with flat aliases of the
         params and states, reused from step to step while every param and state keeps its memory.
 
@@ -690,19 +702,20 @@ class Optimizer(torch.optim.Optimizer):
         the plan lives: equal addresses mean the same tensors. Gradients are viewed flat afresh at each step
         (they are often new tensors, and holding them would keep a model's worth of dead gradients alive).
         """
+        elementwise = self.elementwise if elementwise is None else elementwise
         sig = tuple(p.data_ptr() for p in params) + tuple(t.data_ptr() for v in states.values() for t in v)
-        key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params))
+        key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params), elementwise)
         plan = self._plans.get(key)
         if plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.order):
             return plan
         order = [i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)]
-        chunks = self._flat_chunks(params, grads, states, order) if order else []
+        chunks = self._flat_chunks(params, grads, states, order, elementwise) if order else []
         plan = _FusedPlan(sig, order, chunks)
         self._plans[key] = plan
         return plan
 
     def _flat_chunks(self, params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]],
-                     order: list[int]) -> list[_FlatChunk]:
+                     order: list[int], elementwise: bool) -> list[_FlatChunk]:
         """The flat path's kernel calls over params[order]. Elementwise updates take _FUSE_CHUNK tensors per
         call (fewer calls; the last one padded with scratch tensors). Whole-tensor reductions take one tensor
         per call: the compiled kernel runs all of a call's reductions before its elementwise loops, so one
@@ -711,7 +724,7 @@ class Optimizer(torch.optim.Optimizer):
         flat = [i for i in order if not (self.matrix_view and params[i].dim() > 1)]
         chunks = []
         if flat:
-            size = _FUSE_CHUNK if self.elementwise or self.matrix_view else 1
+            size = _FUSE_CHUNK if elementwise or self.matrix_view else 1
             first = flat[0]
             scratch = self._scratch(params[first], grads[first], {k: v[first] for k, v in states.items()})
             for start in range(0, len(flat), size):
@@ -749,16 +762,16 @@ class Optimizer(torch.optim.Optimizer):
                 options["stochastic"], scalar_names)
 
     def _flat_kernel(self, key: tuple, options: dict[str, Any], chunk: _FlatChunk, grads: list[Tensor],
-                     scalars: dict[str, Tensor], wd: Tensor) -> _FlatKernel | None:
-        """The flat-path kernel for key, compiling it on stand-ins of the chunk's arguments the first time; None
-        while it compiles in the background or after the compiler failed: the caller steps eager."""
+                     scalars: dict[str, Tensor], wd: Tensor, update: Callable) -> _FlatKernel | None:
+        """The flat-path kernel of ``update`` for key, compiling it on stand-ins of the chunk's arguments the first
+        time; None while it compiles in the background or after the compiler failed: the caller steps eager."""
         if key in self._kernels:
             return self._kernels[key]
         job = self._compile_jobs.get(key)
         if job is None or job.orphaned:
             chunk_grads = [grads[i] for i in chunk.idx] + chunk.grad_pads
             standins = self._standin_args(chunk.params, chunk_grads, chunk.states, scalars, wd, chunk.layout)
-            job = _CompileJob(_compile_flat, (type(self).update, standins, options, chunk.layout == "flat"),
+            job = _CompileJob(_compile_flat, (update, standins, options, chunk.layout == "flat"),
                               wait=self.compile != "background")
             self._compile_jobs[key] = job
         if not job.done.is_set():
@@ -823,32 +836,44 @@ class Optimizer(torch.optim.Optimizer):
         slots[0][:] = values
         return slots[1]
 
-    def _run_fused(self, params, grads, states, scalars, wd, plan: _FusedPlan, device, options) -> list[int]:
+    def _run_fused(self, params, grads, states, scalars, wd, plan: _FusedPlan, device, options,
+                   update: Callable | None = None, outputs: dict[str, dict[int, Tensor]] | None = None) -> list[int]:
         """The compiled update over params[plan.order], one kernel call per chunk, over flat (or matrix) views of
         its tensors: one graph for every shape and storage offset (per shape, each rank and size pattern would
-        compile for seconds). Returns the indices it updated; the caller steps the others eager."""
+        compile for seconds). Returns the indices it updated; the caller steps the others eager.
+
+        ``update`` defaults to the class's; the per-tensor values it returns (a global-step pass's reductions) go
+        into ``outputs[name][index]``."""
+        update = type(self).update if update is None else update
         names = list(scalars)
         tail = self._scalar_tensors([float(scalars[k]) for k in names] + [float(wd)], device)
         tscalars, twd = dict(zip(names, tail[:-1])), tail[-1]
         first = plan.order[0]
-        key = self._kernel_key(params[first], grads[first], states, options, tuple(names))
+        key = self._kernel_key(params[first], grads[first], states, options, tuple(names)) + (update,)
         done: list[int] = []
         kernels: dict[str, _FlatKernel | None] = {}
         for chunk in plan.chunks:
             if chunk.layout not in kernels:
-                kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout,), options, chunk, grads, tscalars, twd)
+                kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout, len(chunk.params)), options, chunk,
+                                                          grads, tscalars, twd, update)
             kernel = kernels[chunk.layout]
             if kernel is None:
                 continue
-            run, shaped = kernel
+            run, shaped, returned = kernel
             try:
                 chunk_grads = ([grads[i] for i in chunk.idx] if shaped
                                else [grads[i].view(chunk.grad_shape) for i in chunk.idx])
-                run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
+                result = run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
             except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
-                self._compile_failed(key + (chunk.layout,), err)
+                self._compile_failed(key + (chunk.layout, len(chunk.params)), err)
                 kernels[chunk.layout] = None
                 continue
+            if returned:
+                slots = len(chunk.params)
+                result = result[len(result) - slots * len(returned):]
+                for j, name in enumerate(returned):
+                    for s, i in enumerate(chunk.idx):  # pad slots' values are dropped
+                        outputs[name][i] = result[j * slots + s]
             done.extend(chunk.idx)
         return done
 

@@ -1,11 +1,13 @@
 """The engine piece for methods whose step couples all tensors (D-Adaptation, Prodigy, DoG).
 
 These methods estimate one step size from reductions over every tensor (inner products, norms), then
-update each tensor with it. Their step is two passes with host-side scalars in between, so it cannot be
-one kernel per tensor: :class:`GlobalStepOptimizer` runs it on the eager for-each path, with the base's
-checks (closure, sparse gradients, skip_nonfinite), ``maximize``, float32 working copies of 16-bit
-params and states, stochastic rounding and complex params (as their real view) kept exactly as the
-other optimizers have them.
+update each tensor with it: passes over the tensors with host-side scalars in between, so the step cannot
+be one kernel per tensor. :class:`GlobalStepOptimizer` keeps the base's checks (closure, sparse gradients,
+skip_nonfinite), ``maximize``, float32 working copies of 16-bit params and states, stochastic rounding and
+complex params (as their real view) exactly as the other optimizers have them. A method written as passes
+(:meth:`GlobalStepOptimizer.run_pass`: pure functions over lists of tensors that return per-tensor
+reductions) runs each pass eager (for-each, piece by piece) or compiled (one kernel per tensor per pass, the
+reductions returned by the kernel), as ``compile`` says; the others run the eager path only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import multitensor as mt
-from .base import Optimizer, chunk_runs
+from .base import Optimizer, _apply_update, chunk_runs
 from .precision import is_low_precision, write_back_
 
 
@@ -51,6 +53,17 @@ def l1_norms(xs: list[Tensor]) -> list[Tensor]:
 
 def sq_norms(xs: list[Tensor]) -> list[Tensor]:
     return mt.squared_norms(xs) if xs else []
+
+
+class Part(NamedTuple):
+    """The params of one group on one device and dtype with their gradients and states, as a pass takes them
+    (real views of complex tensors); ``params`` are the Parameters themselves (the state's keys)."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    p: list[Tensor]
+    g: list[Tensor]
+    s: dict[str, list[Tensor]]
 
 
 class Piece(NamedTuple):
@@ -113,7 +126,9 @@ class GlobalStepOptimizer(Optimizer):
 
     per_tensor = False
     elementwise = False
-    fusable = False  # host-side reductions between two passes: always the eager path, whatever compile says
+    # Methods that write their step with run_pass set True: each pass then compiles (one tensor per kernel call,
+    # its reductions returned); the others run the eager path whatever compile says.
+    fusable = False
     weight_decay_mode = "custom"
     shared_options: tuple[str, ...] = ()
 
@@ -172,7 +187,58 @@ class GlobalStepOptimizer(Optimizer):
             out.extend(Bucket(self, group, ps) for ps in split.values())
         return out
 
-    def count_step(self, buckets: list[Bucket]) -> None:
+    @classmethod
+    def _flattenable(cls) -> bool:
+        return cls.fusable
+
+    def parts(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Part]:
+        """State initialised where missing, then the tensors by group, device and dtype, for :meth:`run_pass`."""
+        out = []
+        for group, params in work:
+            split: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(self.init_state(p, group))
+                    state["step"] = 0
+                split[(p.device, p.dtype, p.grad.dtype)].append(p)
+            for ps in split.values():
+                names = [k for k in self.state[ps[0]] if k != "step"]
+                out.append(Part(group, ps, [Bucket._real(p) for p in ps], [Bucket._real(p.grad) for p in ps],
+                                {k: [Bucket._real(self.state[p][k]) for p in ps] for k in names}))
+        return out
+
+    def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],
+                 *, elementwise: bool = False, **static: Any) -> dict[str, list[Tensor]]:
+        """One pass ``fn(p, g, **states, **scalars, **static)`` over a part's tensors, with ``maximize``, float32
+        working copies and write-back as every update has them; returns fn's per-tensor reductions (a dict of
+        lists of 0-dim tensors, in the part's order).
+
+        fn is written with :mod:`~steepest.core.multitensor` helpers, as an update is: it runs eager over pieces
+        of about 2**18 elements (few-MB temporaries, reused from cache), or, as ``compile`` says, compiled with
+        scalars passed as tensors (changing them never recompiles): one tensor per kernel call for a pass that
+        reduces (its reduction loop and its update loop read the tensor twice, the second time from cache), a
+        few per call for an ``elementwise`` one.
+        """
+        options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
+                       stochastic=self.stochastic_rounding)
+        outputs: dict[str, dict[int, Tensor]] = defaultdict(dict)
+        todo = list(range(len(part.p)))
+        if self._wants_compile(part.p):
+            plan = self._fused_plan(part.group, part.p, part.g, part.s, elementwise)
+            if plan.order:
+                done = set(self._run_fused(part.p, part.g, part.s, scalars, 0.0, plan, part.p[0].device, options,
+                                           update=fn, outputs=outputs))
+                todo = [i for i in todo if i not in done]
+        for run in chunk_runs([part.p[i].numel() for i in todo]):
+            idx = [todo[j] for j in run]
+            result = _apply_update(fn, [part.p[i] for i in idx], [part.g[i] for i in idx],
+                                   {k: [v[i] for i in idx] for k, v in part.s.items()}, scalars, 0.0, **options)
+            for name, values in (result or {}).items():
+                outputs[name].update(zip(idx, values))
+        return {name: [values[i] for i in range(len(part.p))] for name, values in outputs.items()}
+
+    def count_step(self, buckets: list[Bucket] | list[Part]) -> None:
         for b in buckets:
             for p in b.params:
                 self.state[p]["step"] += 1

@@ -252,3 +252,10 @@ def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
         # torch.dot compiles to an external BLAS call after a separate pass; a product-sum fuses.
         return [(x * y).sum() for x, y in zip(xs, ys)]
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
+
+
+def l1_norms(xs: TensorList) -> list[Tensor]:
+    """The l1 norm (sum of absolute values) of each tensor, as 0-dim tensors."""
+    if compiling():
+        return [x.abs().sum() for x in xs]
+    return list(torch._foreach_norm(xs, 1)) if xs else []

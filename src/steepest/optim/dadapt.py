@@ -6,12 +6,10 @@ import math
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.global_step import GlobalStepOptimizer, growth_rate_check, l1_norms, sq_norms, total
+from ..core.global_step import GlobalStepOptimizer, growth_rate_check, total
 from ..core.registry import register
 
 _DADAPT_SKIP = {
-    "compile": "the step reduces over all tensors to host scalars (the D estimate) between two passes: it runs "
-               "the eager for-each path only",
     "param_groups": "D is estimated jointly over all param groups, so one optimizer over two groups is not two "
                     "optimizers; groups share one lr (or 0), as in the authors' code",
 }
@@ -51,6 +49,7 @@ class DAdaptAdam(GlobalStepOptimizer):
                    "use_bias_correction": checks.boolean, "d0": checks.positive, "growth_rate": growth_rate_check,
                    "layer_scale": checks.nonnegative}
     shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate")
+    fusable = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decouple=False,
                  use_bias_correction=False, d0=1e-6, growth_rate=math.inf, layer_scale=1.0, *, maximize=False,
@@ -63,6 +62,32 @@ class DAdaptAdam(GlobalStepOptimizer):
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
 
+    @staticmethod
+    def moments(p, g, s, exp_avg, exp_avg_sq, *, beta1, beta2, sqrt_beta2, m_coef, s_coef, decay, eps, l2):
+        """The first pass: <g, s / (sqrt(v) + eps)> with v and s before the step, then m, v and s updated, and
+        ||s||_1 after."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        denom = mt.sqrt(exp_avg_sq)
+        mt.add_scalar_(denom, eps)
+        dots = mt.dots(g, mt.div(s, denom))
+        mt.mul_(exp_avg, beta1)
+        mt.add_(exp_avg, g, m_coef)
+        mt.mul_(exp_avg_sq, beta2)
+        mt.addcmul_(exp_avg_sq, g, g, 1 - beta2)
+        mt.mul_(s, sqrt_beta2)
+        mt.add_(s, g, s_coef)
+        return {"dot": dots, "l1": mt.l1_norms(s)}
+
+    @staticmethod
+    def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, eps, decoupled):
+        """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p - m / (sqrt(v) + eps)."""
+        denom = mt.sqrt(exp_avg_sq)
+        mt.add_scalar_(denom, eps)
+        if decoupled:
+            mt.add_(p, p, decay_coef)
+        mt.addcdiv_(p, exp_avg, denom, -1.0)
+
     def global_step(self, work):
         g0 = self.param_groups[0]
         lr = self.shared_lr()
@@ -72,49 +97,32 @@ class DAdaptAdam(GlobalStepOptimizer):
         bc = (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1.0
         dlr = d * lr * bc
         sqrt_beta2 = beta2**0.5
-        buckets = self.buckets(work)
+        parts = self.parts(work)
         acc, sk_l1 = 0.0, 0.0
-        for b in buckets:
-            group = b.group
-            decay, eps, r = group["weight_decay"], group["eps"], group["layer_scale"]
+        for part in parts:
+            group = part.group
+            decay, r = group["weight_decay"], group["layer_scale"]
             if self.lr(group) == 0:
                 continue
-            dots, l1 = [], []
-            for c in b.pieces():
-                g = mt.add(c.g, c.p, alpha=decay) if decay != 0 and not decouple else c.g
-                s, m, v = c.s["s"], c.s["exp_avg"], c.s["exp_avg_sq"]
-                denom = mt.sqrt(v)
-                mt.add_scalar_(denom, eps)
-                dots += mt.dots(g, mt.div(s, denom))
-                mt.mul_(m, beta1)
-                mt.add_(m, g, r * dlr * (1 - beta1))
-                mt.mul_(v, beta2)
-                mt.addcmul_(v, g, g, 1 - beta2)
-                mt.mul_(s, sqrt_beta2)
-                mt.add_(s, g, dlr * (1 - sqrt_beta2))
-                l1 += l1_norms(s)
-            acc += r * dlr * total(dots)
-            sk_l1 += r * total(l1)
+            sums = self.run_pass(part, type(self).moments,
+                                 dict(beta1=beta1, beta2=beta2, sqrt_beta2=sqrt_beta2, m_coef=r * dlr * (1 - beta1),
+                                      s_coef=dlr * (1 - sqrt_beta2), decay=decay, eps=group["eps"]),
+                                 l2=decay != 0 and not decouple)
+            acc += r * dlr * total(sums["dot"])
+            sk_l1 += r * total(sums["l1"])
         nw = sqrt_beta2 * nw + (1 - sqrt_beta2) * acc
         if sk_l1 == 0:
-            for b in buckets:
-                b.write_back()
             return
         if lr > 0:
             d_hat = nw / ((1 - sqrt_beta2) * sk_l1)
             d = max(d, min(d_hat, d * growth_rate))
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, k=k + 1)
-        for b in buckets:
-            decay, eps = b.group["weight_decay"], b.group["eps"]
-            for c in b.pieces():
-                denom = mt.sqrt(c.s["exp_avg_sq"])
-                mt.add_scalar_(denom, eps)
-                if decay != 0 and decouple:
-                    mt.add_(c.p, c.p, -decay * dlr)
-                mt.addcdiv_(c.p, c.s["exp_avg"], denom, -1.0)
-            b.write_back()
-        self.count_step(buckets)
+        for part in parts:
+            decay = part.group["weight_decay"]
+            self.run_pass(part, type(self).descend, dict(decay_coef=-decay * dlr, eps=part.group["eps"]),
+                          elementwise=True, decoupled=decay != 0 and decouple)
+        self.count_step(parts)
 
 
 @register("dadapt_sgd", family="parameter-free",
@@ -145,6 +153,7 @@ class DAdaptSGD(GlobalStepOptimizer):
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "weight_decay": checks.nonnegative,
                    "d0": checks.positive, "growth_rate": growth_rate_check}
     shared_options = ("momentum", "weight_decay", "d0", "growth_rate")
+    fusable = True
 
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, d0=1e-6, growth_rate=math.inf, *,
                  maximize=False, **engine):
@@ -155,40 +164,54 @@ class DAdaptSGD(GlobalStepOptimizer):
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "x0": self.copy_state(p)}
 
+    @staticmethod
+    def grad_norm(p, g, s, x0):
+        """||g||^2 (without weight decay), for the first step's ||g_0||."""
+        return {"sq": mt.squared_norms(g)}
+
+    @staticmethod
+    def accumulate(p, g, s, x0, *, decay, dlr, l2):
+        """The first pass: <g, s> with s before the step, then s += dlr g, and ||s||^2 after."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        dots = mt.dots(g, s)
+        mt.add_(s, g, dlr)
+        return {"dot": dots, "sq": mt.squared_norms(s)}
+
+    @staticmethod
+    def average(p, g, s, x0, *, ck):
+        """The second pass: p <- (1 - ck) p + ck (x0 - s)."""
+        z = mt.sub(x0, s)
+        mt.mul_(p, 1 - ck)
+        mt.add_(p, z, ck)
+
     def global_step(self, work):
         g0 = self.param_groups[0]
         lr = self.shared_lr()
         decay, momentum, growth_rate = g0["weight_decay"], g0["momentum"], g0["growth_rate"]
         ck = 1 - momentum
         k, d, nw = g0.get("k", 0), g0.get("d", g0["d0"]), g0.get("numerator_weighted", 0.0)
-        buckets = self.buckets(work)
+        parts = self.parts(work)
+        live = [part for part in parts if self.lr(part.group) > 0]
         if k == 0:
-            g0_norm = math.sqrt(sum(total(sq_norms(b.g)) for b in buckets if self.lr(b.group) > 0))
+            g0_norm = math.sqrt(sum(total(self.run_pass(part, type(self).grad_norm, {})["sq"]) for part in live))
             if g0_norm == 0:
                 return
         else:
             g0_norm = g0["g0_norm"]
         dlr = d * lr / g0_norm
         sk_sq = 0.0
-        for b in buckets:
-            b.g = mt.add(b.g, b.p, alpha=decay) if decay != 0 else b.g
-            if self.lr(b.group) > 0:
-                s = b.s["s"]
-                nw += dlr * total(mt.dots(b.g, s))
-                mt.add_(s, b.g, dlr)
-                sk_sq += total(sq_norms(s))
+        for part in live:
+            sums = self.run_pass(part, type(self).accumulate, dict(decay=decay, dlr=dlr), l2=decay != 0)
+            nw += dlr * total(sums["dot"])
+            sk_sq += total(sums["sq"])
         if lr > 0:
             d_hat = 2 * nw / math.sqrt(sk_sq) if sk_sq > 0 else d
             d = max(d, min(d_hat, d * growth_rate))
         if sk_sq == 0:
-            for b in buckets:
-                b.write_back()
             return
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, g0_norm=g0_norm, k=k + 1)
-        for b in buckets:
-            z = mt.sub(b.s["x0"], b.s["s"])
-            mt.mul_(b.p, 1 - ck)
-            mt.add_(b.p, z, ck)
-            b.write_back()
-        self.count_step(buckets)
+        for part in parts:
+            self.run_pass(part, type(self).average, dict(ck=ck), elementwise=True)
+        self.count_step(parts)

@@ -8,7 +8,8 @@ import torch
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.global_step import GlobalStepOptimizer, sq_norms, total
+from ..core.base import _apply_update
+from ..core.global_step import GlobalStepOptimizer, total
 from ..core.registry import register
 
 
@@ -27,8 +28,6 @@ _HYPER = {"lr": checks.nonnegative, "reps_rel": checks.nonnegative, "weight_deca
           paper="Ivgi, Hinder & Carmon 2023, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule",
           arxiv="2302.12022", reference="carmonlab/dog (dog-optimizer 1.0.2), NumPy transcription in the test",
           state_words=1, example_kwargs={"lr": 1.0},
-          conformance_skip={"compile": "the step size reduces over all tensors of a group (distance and gradient "
-                                       "norms) before any update: it runs the eager for-each path only"},
           search_space={"lr": ("log", 0.3, 3.0), "reps_rel": ("log", 1e-8, 1e-3)})
 class DoG(GlobalStepOptimizer):
     """DoG, Distance over Gradients (Ivgi, Hinder & Carmon 2023, "DoG is SGD's Best Friend: A
@@ -62,45 +61,64 @@ class DoG(GlobalStepOptimizer):
     def init_state(self, p, group):
         return {"x0": self.copy_state(p)}
 
-    def global_step(self, work):
-        buckets = self.buckets(work)
-        by_group: dict[int, list] = {}
-        for b in buckets:
-            decay = b.group["weight_decay"]
-            if decay != 0:
-                b.g = mt.add(b.g, b.p, alpha=decay)
-            by_group.setdefault(id(b.group), []).append(b)
-        for bs in by_group.values():
-            self._group_step(bs[0].group, bs)
-        for b in buckets:
-            b.write_back()
-        self.count_step(buckets)
+    fusable = True
 
-    def _group_step(self, group, bs):
+    @staticmethod
+    def norms(p, g, x0, *, decay, l2):
+        """The first pass: ||g||^2 (g with L2 decay), ||x - x0||^2 and ||x0||^2 (for a first step's rbar; read
+        in the same loop as x - x0, so one kernel serves every step)."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(mt.sub(p, x0)), "x0_sq": mt.squared_norms(x0)}
+
+    @staticmethod
+    def descend(p, g, x0, *, decay, eta, l2):
+        """The second pass: x <- x - eta g (g with L2 decay)."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        mt.add_(p, g, -eta)
+
+    def global_step(self, work):
+        by_group: dict[int, list] = {}
+        parts = self.parts(work)
+        for part in parts:
+            by_group.setdefault(id(part.group), []).append(part)
+        for group_parts in by_group.values():
+            self._group_step(group_parts[0].group, group_parts)
+        self.count_step(parts)
+
+    def _norms(self, group, part):
+        decay = group["weight_decay"]
+        return self.run_pass(part, type(self).norms, dict(decay=decay), l2=decay != 0)
+
+    def _descend(self, group, part, eta):
+        decay = group["weight_decay"]
+        self.run_pass(part, type(self).descend, dict(decay=decay, eta=eta), elementwise=True, l2=decay != 0)
+
+    def _group_step(self, group, parts):
         first = "rbar" not in group
         reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
-        g_sq = sum(total(sq_norms(b.g)) for b in bs)
+        sums = [self._norms(group, part) for part in parts]
+        g_sq = sum(total(x["g_sq"]) for x in sums)
+        r = math.sqrt(sum(total(x["x0_sq" if first else "r_sq"]) for x in sums))
         if first:
-            rbar = reps_rel * (1 + math.sqrt(sum(total(sq_norms(b.s["x0"])) for b in bs)))
+            rbar = reps_rel * (1 + r)
             G = g_sq + group["eps"]
         else:
-            dist = math.sqrt(sum(total(sq_norms(mt.sub(b.p, b.s["x0"]))) for b in bs))
-            rbar = max(group["rbar"], dist)
+            rbar = max(group["rbar"], r)
             G = group["G"] + g_sq
         eta = self.lr(group) * rbar / math.sqrt(G) if G > 0 else 0.0
         if first and group["init_eta"] is not None:
             eta = group["init_eta"]
         group.update(rbar=rbar, G=G, eta=eta)
-        for b in bs:
-            mt.add_(b.p, b.g, -eta)
+        for part in parts:
+            self._descend(group, part, eta)
 
 
 @register("ldog", family="parameter-free",
           paper="Ivgi, Hinder & Carmon 2023, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule",
           arxiv="2302.12022", reference="carmonlab/dog (LDoG), NumPy transcription in the test", state_words=1,
-          example_kwargs={"lr": 1.0},
-          conformance_skip={"compile": "each tensor's step size reduces over the tensor (distance and gradient "
-                                       "norms) first: it runs the eager for-each path only"})
+          example_kwargs={"lr": 1.0})
 class LDoG(DoG):
     """LDoG, layer-wise DoG (Ivgi, Hinder & Carmon 2023, arXiv 2302.12022, section 4): the step size of
     :class:`DoG` computed for each tensor separately,
@@ -115,30 +133,33 @@ class LDoG(DoG):
 
     per_tensor = True
 
-    def _group_step(self, group, bs):
+    def _group_step(self, group, parts):
         n = len(group["params"])
         for key in ("rbar", "G", "eta"):
             if not isinstance(group.get(key), list) or len(group[key]) != n:
                 group[key] = [None] * n
         index = {id(p): i for i, p in enumerate(group["params"])}
         reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
-        lr = self.lr(group)
-        for b in bs:
-            g_sq = [float(x) for x in torch.stack(sq_norms(b.g)).double()] if b.g else []
-            first = [group["rbar"][index[id(p)]] is None for p in b.params]
-            x0_norm = [math.sqrt(float(x)) for x in torch.stack(sq_norms(b.s["x0"])).double()]
-            dist = [math.sqrt(float(x)) for x in torch.stack(sq_norms(mt.sub(b.p, b.s["x0"]))).double()]
+        lr, decay = self.lr(group), group["weight_decay"]
+        for part in parts:
+            first = [group["rbar"][index[id(p)]] is None for p in part.params]
+            sums = self._norms(group, part)
+            g_sq, r_sq, x0_sq = (torch.stack(sums[k]).double().tolist() for k in ("g_sq", "r_sq", "x0_sq"))
             etas = []
-            for j, p in enumerate(b.params):
+            for j, p in enumerate(part.params):
                 i = index[id(p)]
                 if first[j]:
-                    rbar, G = reps_rel * (1 + x0_norm[j]), g_sq[j] + group["eps"]
+                    rbar, G = reps_rel * (1 + math.sqrt(x0_sq[j])), g_sq[j] + group["eps"]
                 else:
-                    rbar, G = max(group["rbar"][i], dist[j]), group["G"][i] + g_sq[j]
+                    rbar, G = max(group["rbar"][i], math.sqrt(r_sq[j])), group["G"][i] + g_sq[j]
                 eta = lr * rbar / math.sqrt(G) if G > 0 else 0.0
                 if first[j] and group["init_eta"] is not None:
                     eta = group["init_eta"]
                 group["rbar"][i], group["G"][i], group["eta"][i] = rbar, G, eta
                 etas.append(eta)
-            for p, g, eta in zip(b.p, b.g, etas):
-                p.add_(g, alpha=-eta)
+            # One step size per tensor: the second pass runs eager, tensor by tensor (an axpy reads x and g once).
+            options = dict(static={"l2": decay != 0}, maximize=bool(group["maximize"]), wd_mode=None,
+                           stochastic=self.stochastic_rounding)
+            for x, g, x0, eta in zip(part.p, part.g, part.s["x0"], etas):
+                _apply_update(type(self).descend, [x], [g], {"x0": [x0]}, {"decay": decay, "eta": eta}, 0.0,
+                              **options)

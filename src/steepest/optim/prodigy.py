@@ -6,12 +6,10 @@ import math
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.global_step import GlobalStepOptimizer, growth_rate_check, l1_norms, total
+from ..core.global_step import GlobalStepOptimizer, growth_rate_check, total
 from ..core.registry import register
 
 _SKIP = {
-    "compile": "the step reduces over all tensors to host scalars (the D estimate) between two passes: it runs "
-               "the eager for-each path only",
     "param_groups": "D is estimated jointly over all param groups, so one optimizer over two groups is not two "
                     "optimizers; groups share one lr (or 0), as in the authors' code",
 }
@@ -62,6 +60,7 @@ class Prodigy(GlobalStepOptimizer):
                    "use_bias_correction": checks.boolean, "safeguard_warmup": checks.boolean,
                    "d0": checks.positive, "d_coef": checks.positive, "growth_rate": growth_rate_check}
     shared_options = ("betas", "beta3", "decouple", "use_bias_correction", "d0", "d_coef", "growth_rate")
+    fusable = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf, *,
@@ -79,6 +78,36 @@ class Prodigy(GlobalStepOptimizer):
         state["exp_avg_sq"] = self.zeros_state(p)
         return state
 
+    @staticmethod
+    def moments(p, g, s, p0, exp_avg_sq, exp_avg=None, *, beta1, beta2, beta3, m_coef, v_coef, s_coef, decay, l2):
+        """The first pass: <g, p0 - p>, then m, v and s updated, and ||s||_1 after."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        dots = mt.dots(g, mt.sub(p0, p))
+        if exp_avg is not None:
+            mt.mul_(exp_avg, beta1)
+            mt.add_(exp_avg, g, m_coef)
+        mt.mul_(exp_avg_sq, beta2)
+        mt.addcmul_(exp_avg_sq, g, g, v_coef)
+        mt.mul_(s, beta3)
+        mt.add_(s, g, s_coef)
+        return {"dot": dots, "l1": mt.l1_norms(s)}
+
+    @staticmethod
+    def descend(p, g, s, p0, exp_avg_sq, exp_avg=None, *, d_eps, decay, decay_coef, step_coef, l2, decoupled):
+        """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p + step_coef m / (sqrt(v) + d eps)
+        (g in place of m when b1 = 0)."""
+        denom = mt.sqrt(exp_avg_sq)
+        mt.add_scalar_(denom, d_eps)
+        if decoupled:
+            mt.add_(p, p, decay_coef)
+        if exp_avg is not None:
+            mt.addcdiv_(p, exp_avg, denom, step_coef)
+        else:
+            if l2:
+                g = mt.add(g, p, alpha=decay)
+            mt.addcdiv_(p, g, denom, step_coef)
+
     def global_step(self, work):
         g0 = self.param_groups[0]
         lr = self.shared_lr()
@@ -89,31 +118,20 @@ class Prodigy(GlobalStepOptimizer):
         bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if g0["use_bias_correction"] else 1.0
         dlr = d * lr * bc
         d_numerator = g0.get("d_numerator", 0.0) * beta3
-        buckets = self.buckets(work)
+        parts = self.parts(work)
         delta, d_denom = 0.0, 0.0
-        for b in buckets:
-            decay = b.group["weight_decay"]
-            if decay != 0 and not decouple:
-                b.g = mt.add(b.g, b.p, alpha=decay)
-            if self.lr(b.group) == 0:
+        for part in parts:
+            decay = part.group["weight_decay"]
+            if self.lr(part.group) == 0:
                 continue
-            dots, l1 = [], []
-            for c in b.pieces():
-                s, v = c.s["s"], c.s["exp_avg_sq"]
-                dots += mt.dots(c.g, mt.sub(c.s["p0"], c.p))
-                if beta1 > 0:
-                    mt.mul_(c.s["exp_avg"], beta1)
-                    mt.add_(c.s["exp_avg"], c.g, d * (1 - beta1))
-                mt.mul_(v, beta2)
-                mt.addcmul_(v, c.g, c.g, d * d * (1 - beta2))
-                mt.mul_(s, beta3)
-                mt.add_(s, c.g, (d / d0) * d if b.group["safeguard_warmup"] else (d / d0) * dlr)
-                l1 += l1_norms(s)
-            delta += (d / d0) * dlr * total(dots)
-            d_denom += total(l1)
+            s_coef = (d / d0) * d if part.group["safeguard_warmup"] else (d / d0) * dlr
+            sums = self.run_pass(part, type(self).moments,
+                                 dict(beta1=beta1, beta2=beta2, beta3=beta3, m_coef=d * (1 - beta1),
+                                      v_coef=d * d * (1 - beta2), s_coef=s_coef, decay=decay),
+                                 l2=decay != 0 and not decouple)
+            delta += (d / d0) * dlr * total(sums["dot"])
+            d_denom += total(sums["l1"])
         if d_denom == 0:
-            for b in buckets:
-                b.write_back()
             return
         d_hat = d
         if lr > 0:
@@ -125,16 +143,10 @@ class Prodigy(GlobalStepOptimizer):
             d = min(d_max, d * growth_rate)
         for group in self.param_groups:
             group.update(d_numerator=d_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat, k=k + 1)
-        for b in buckets:
-            decay, eps = b.group["weight_decay"], b.group["eps"]
-            for c in b.pieces():
-                denom = mt.sqrt(c.s["exp_avg_sq"])
-                mt.add_scalar_(denom, d * eps)
-                if decay != 0 and decouple:
-                    mt.add_(c.p, c.p, -decay * dlr)
-                if beta1 > 0:
-                    mt.addcdiv_(c.p, c.s["exp_avg"], denom, -dlr)
-                else:
-                    mt.addcdiv_(c.p, c.g, denom, -dlr * d)
-            b.write_back()
-        self.count_step(buckets)
+        for part in parts:
+            decay = part.group["weight_decay"]
+            self.run_pass(part, type(self).descend,
+                          dict(d_eps=d * part.group["eps"], decay=decay, decay_coef=-decay * dlr,
+                               step_coef=-dlr if beta1 > 0 else -dlr * d),
+                          elementwise=True, l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple)
+        self.count_step(parts)
