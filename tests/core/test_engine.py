@@ -387,7 +387,7 @@ def test_matrix_view_kernels_match_eager_for_every_shape(name):
 
     graphs = compiled_graphs()
     fused, opt = run(True)
-    assert compiled_graphs() == graphs + 2 and sorted(k[-1] for k in opt._kernels) == ["flat", "matrix"]
+    assert compiled_graphs() == graphs + 2 and sorted(k[-2] for k in opt._kernels) == ["flat", "matrix"]
     eager, _ = run(False)
     unprojected, _ = run(False, delta=0.0)
     for a, b in zip(fused, eager):
@@ -431,7 +431,7 @@ def test_background_compiles_take_turns(monkeypatch):
         return ps, opt
 
     fused, opt = run("background")
-    assert overlap[0] == 1 and sorted(k[-1] for k, v in opt._kernels.items() if v is not None) == ["flat", "matrix"]
+    assert overlap[0] == 1 and sorted(k[-2] for k, v in opt._kernels.items() if v is not None) == ["flat", "matrix"]
     for a, b in zip(fused, run(False)[0]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

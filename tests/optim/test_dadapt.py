@@ -17,12 +17,12 @@ from .trajectory import PACKAGE_SHAPES, PIECE_SHAPES, set_smooth_grads, torch_pa
 STEPS = 30
 
 
-def run_pair(ours_cls, theirs_cls, kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES):
+def run_pair(ours_cls, theirs_cls, kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES, **engine):
     a, b = torch_params(shapes), torch_params(shapes)
     pa, pb = (groups(a), groups(b)) if groups else (a, b)
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Using decoupled weight decay"
         theirs = theirs_cls(pb, **kwargs)
-    ours = ours_cls(pa, **kwargs)
+    ours = ours_cls(pa, **kwargs, **engine)
     for t in range(steps):
         set_smooth_grads(a, t)
         set_smooth_grads(b, t)
@@ -129,3 +129,56 @@ def test_dadapt_adam_matches_package_when_the_step_runs_in_several_pieces():
     """Tensors above the 2**18-element pieces of the eager passes: the piecewise step equals the package's."""
     run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.1, decouple=False), steps=5,
              shapes=PIECE_SHAPES)
+
+
+def test_dadapt_sgd_compiled_matches_package():
+    run_pair(DAdaptSGD, dadaptation.DAdaptSGD, dict(momentum=0.9, weight_decay=0.01), steps=6, compile=True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(weight_decay=0.1, decouple=True), dict(weight_decay=0.1)], ids=_id)
+def test_dadapt_adam_compiled_matches_package(kwargs):
+    """The compiled passes (from the second step one kernel for moments and descent, its reductions returned)
+    follow the package's float64 trajectory."""
+    run_pair(DAdaptAdam, dadaptation.DAdaptAdam, kwargs, steps=8, compile=True)
+
+
+def test_dadapt_adam_compiled_matches_package_without_the_merged_pass():
+    """b2 = 0 keeps the moments and the descent in two passes (s = dlr g can then be all zero at any step)."""
+    run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(betas=(0.9, 0.0)), steps=6, compile=True)
+
+
+def _cancel_s_in_the_second_step(opt, params, **group_values):
+    """A first step, then group values that make dlr a power of 2 and gradients that cancel s exactly; checks the
+    warning, s = 0, k still 1 and p moved."""
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for group in opt.param_groups:
+        group.update(group_values)
+    for p in params:
+        p.grad = -(2.0**10) * opt.state[p]["s"]
+    before = [p.detach().clone() for p in params]
+    with pytest.warns(RuntimeWarning, match="cancelled to exactly 0"):
+        opt.step()
+    assert all(torch.count_nonzero(opt.state[p]["s"]) == 0 for p in params)
+    assert opt.param_groups[0]["k"] == 1
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    return opt
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_dadapt_adam_warns_when_s_cancels_after_the_merged_step(compile):
+    """A step whose gradients cancel every entry of s exactly: the package skips the descent; here moments and
+    descent are one pass by then, so the step is taken, and said so. k and d stay as the package leaves them."""
+    params = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(2)]
+    opt = DAdaptAdam(params, betas=(0.9, 0.25), compile=compile)  # sqrt(b2) = 1/2
+    # dlr (1 - sqrt(b2)) = 2**-11: s/2 + 2**-11 g with g = -2**10 s is exactly 0
+    _cancel_s_in_the_second_step(opt, params, d=2.0**-10)
+    assert opt.param_groups[0]["d"] == 2.0**-10
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_dadapt_sgd_warns_when_s_cancels_after_the_merged_step(compile):
+    params = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(2)]
+    opt = DAdaptSGD(params, momentum=0.5, compile=compile)
+    _cancel_s_in_the_second_step(opt, params, d=2.0**-10, g0_norm=1.0)  # dlr = 2**-10: s + 2**-10 g = 0

@@ -134,3 +134,13 @@ def test_trains_mlp_with_no_lr_tuning(cls):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1, loss.item()
+
+
+@pytest.mark.parametrize("cls, blocks", [(DoG, [list(range(len(SHAPES)))]), (LDoG, [[i] for i in range(len(SHAPES))])],
+                         ids=["dog", "ldog"])
+def test_compiled_norms_match_numpy_transcription(cls, blocks):
+    """The norms pass compiled (its reductions returned by the kernel) gives the transcription's trajectory."""
+    kwargs = dict(weight_decay=0.1)
+    params = make_params()
+    expected = dog_numpy([p.detach().numpy() for p in params], 6, blocks, **kwargs)
+    _compare(cls(params, compile=True, **kwargs), params, expected)

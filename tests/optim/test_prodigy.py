@@ -36,10 +36,10 @@ CASES = [
 ]
 
 
-def run_pair(kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES):
+def run_pair(kwargs, groups=None, steps=STEPS, shapes=PACKAGE_SHAPES, **engine):
     a, b = torch_params(shapes), torch_params(shapes)
     pa, pb = (groups(a), groups(b)) if groups else (a, b)
-    ours, theirs = Prodigy(pa, **kwargs), package(pb, **kwargs)
+    ours, theirs = Prodigy(pa, **kwargs, **engine), package(pb, **kwargs)
     ds = []
     for t in range(steps):
         set_smooth_grads(a, t)
@@ -111,3 +111,11 @@ def test_matches_package_when_the_step_runs_in_several_pieces():
     """Tensors above the 2**18-element pieces of the eager passes (one is split off alone, small ones share a
     piece): the piecewise step still equals the package's whole-tensor step."""
     run_pair(dict(weight_decay=0.1), steps=5, shapes=PIECE_SHAPES)
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.01), dict(weight_decay=0.01, decouple=False,
+                                                                 betas=(0.0, 0.99))], ids=["decoupled", "l2,b1=0"])
+def test_compiled_passes_match_package(kwargs):
+    """The compiled passes (the moments with their reductions returned by the kernel, then the descent) follow
+    the package's float64 trajectory."""
+    run_pair(kwargs, steps=6, compile=True)

@@ -118,9 +118,10 @@ class Bucket:
 class GlobalStepOptimizer(Optimizer):
     """Base of optimizers whose step reduces over all tensors to host scalars before it updates any.
 
-    A subclass implements :meth:`global_step` over the :class:`Bucket` s of this step. It runs the eager
-    for-each path only (``fusable = False``: ``compile`` is accepted and has no effect). Options named in
-    ``shared_options`` are read from the first param group (as the authors' code does): every group must
+    A subclass implements :meth:`global_step` over this step's tensors: as passes over :meth:`parts` with
+    :meth:`run_pass` (``fusable = True``: each pass runs eager or compiled, as ``compile`` says), or over
+    :class:`Bucket` s, eager only (``fusable = False``: ``compile`` is accepted and has no effect). Options named
+    in ``shared_options`` are read from the first param group (as the authors' code does): every group must
     agree on them.
     """
 
@@ -173,8 +174,8 @@ class GlobalStepOptimizer(Optimizer):
                                  f"group), as in the authors' code")
         return lr
 
-    def buckets(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Bucket]:
-        """State initialised where missing, then the working tensors, by group, device and dtype."""
+    def _split(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """State initialised where missing, then the params by group, device and dtype."""
         out = []
         for group, params in work:
             split: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -184,8 +185,12 @@ class GlobalStepOptimizer(Optimizer):
                     state.update(self.init_state(p, group))
                     state["step"] = 0
                 split[(p.device, p.dtype, p.grad.dtype)].append(p)
-            out.extend(Bucket(self, group, ps) for ps in split.values())
+            out.extend((group, ps) for ps in split.values())
         return out
+
+    def buckets(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Bucket]:
+        """State initialised where missing, then the working tensors, by group, device and dtype."""
+        return [Bucket(self, group, ps) for group, ps in self._split(work)]
 
     @classmethod
     def _flattenable(cls) -> bool:
@@ -194,18 +199,10 @@ class GlobalStepOptimizer(Optimizer):
     def parts(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Part]:
         """State initialised where missing, then the tensors by group, device and dtype, for :meth:`run_pass`."""
         out = []
-        for group, params in work:
-            split: dict[tuple, list[Tensor]] = defaultdict(list)
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.init_state(p, group))
-                    state["step"] = 0
-                split[(p.device, p.dtype, p.grad.dtype)].append(p)
-            for ps in split.values():
-                names = [k for k in self.state[ps[0]] if k != "step"]
-                out.append(Part(group, ps, [Bucket._real(p) for p in ps], [Bucket._real(p.grad) for p in ps],
-                                {k: [Bucket._real(self.state[p][k]) for p in ps] for k in names}))
+        for group, ps in self._split(work):
+            names = [k for k in self.state[ps[0]] if k != "step"]
+            out.append(Part(group, ps, [Bucket._real(p) for p in ps], [Bucket._real(p.grad) for p in ps],
+                            {k: [Bucket._real(self.state[p][k]) for p in ps] for k in names}))
         return out
 
     def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],

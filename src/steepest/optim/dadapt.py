@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from ..core import checks
 from ..core import multitensor as mt
@@ -41,7 +42,11 @@ class DAdaptAdam(GlobalStepOptimizer):
     Differences from the package: betas, decouple, use_bias_correction, d0 and growth_rate must agree
     across param groups (the package silently reads group 0); p.grad is never modified (the package adds
     L2 decay into it); no ``log_every`` or FSDP all-reduce (single process). If sum ||s||_1 is zero
-    (all gradients zero so far) the moments are updated and nothing else, as in the package.
+    (all gradients zero so far) the moments are updated and nothing else, as in the package. After the
+    first counted step (with b2 > 0 and every layer scale > 0) the moments and the descent are one pass over
+    memory: the descent uses only the moments and the step's dlr, so the numbers are the package's, except
+    in a step where every entry of s cancels to exactly 0, which the package skips and this one has
+    already taken (it warns; ``state`` and d are then as after the package's skipped step, p is not).
     """
 
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "eps": checks.positive,
@@ -80,13 +85,25 @@ class DAdaptAdam(GlobalStepOptimizer):
         return {"dot": dots, "l1": mt.l1_norms(s)}
 
     @staticmethod
-    def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, eps, decoupled):
-        """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p - m / (sqrt(v) + eps)."""
+    def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, step_coef, eps, decoupled):
+        """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p - m / (sqrt(v) + eps) (step_coef -1; 0
+        leaves finite p unchanged)."""
         denom = mt.sqrt(exp_avg_sq)
         mt.add_scalar_(denom, eps)
         if decoupled:
             mt.add_(p, p, decay_coef)
-        mt.addcdiv_(p, exp_avg, denom, -1.0)
+        mt.addcdiv_(p, exp_avg, denom, step_coef)
+
+    @staticmethod
+    def moments_descend(p, g, s, exp_avg, exp_avg_sq, *, beta1, beta2, sqrt_beta2, m_coef, s_coef, decay, eps,
+                        decay_coef, step_coef, l2, decoupled):
+        """Both passes in one: the descent uses dlr and the moments just updated, not this step's new d. With
+        decay_coef and step_coef 0 (a step that may yet be skipped) it is the first pass alone."""
+        sums = DAdaptAdam.moments(p, g, s, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, sqrt_beta2=sqrt_beta2,
+                                  m_coef=m_coef, s_coef=s_coef, decay=decay, eps=eps, l2=l2)
+        DAdaptAdam.descend(p, g, s, exp_avg, exp_avg_sq, decay_coef=decay_coef, step_coef=step_coef, eps=eps,
+                           decoupled=decoupled)
+        return sums
 
     def global_step(self, work):
         g0 = self.param_groups[0]
@@ -98,20 +115,30 @@ class DAdaptAdam(GlobalStepOptimizer):
         dlr = d * lr * bc
         sqrt_beta2 = beta2**0.5
         parts = self.parts(work)
+        live = [part for part in parts if self.lr(part.group) > 0]
+        # The descent needs nothing this step's reductions give, only whether sum ||s||_1 > 0 (else the package
+        # skips it). After a counted step s has a nonzero entry; with sqrt(b2) > 0 and every layer scale > 0 the
+        # sum can then only be 0 if every gradient entry cancels its s exactly: both passes run as one.
+        merged = k > 0 and sqrt_beta2 > 0 and all(part.group["layer_scale"] > 0 for part in live)
         acc, sk_l1 = 0.0, 0.0
-        for part in parts:
+        for part in live:
             group = part.group
             decay, r = group["weight_decay"], group["layer_scale"]
-            if self.lr(group) == 0:
-                continue
-            sums = self.run_pass(part, type(self).moments,
-                                 dict(beta1=beta1, beta2=beta2, sqrt_beta2=sqrt_beta2, m_coef=r * dlr * (1 - beta1),
-                                      s_coef=dlr * (1 - sqrt_beta2), decay=decay, eps=group["eps"]),
-                                 l2=decay != 0 and not decouple)
+            scalars = dict(beta1=beta1, beta2=beta2, sqrt_beta2=sqrt_beta2, m_coef=r * dlr * (1 - beta1),
+                           s_coef=dlr * (1 - sqrt_beta2), decay=decay, eps=group["eps"])
+            # One kernel for every step (no compile after the first): unmerged, the descent's coefficients are 0.
+            sums = self.run_pass(part, type(self).moments_descend,
+                                 dict(scalars, decay_coef=-decay * dlr if merged else 0.0,
+                                      step_coef=-1.0 if merged else 0.0),
+                                 l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple)
             acc += r * dlr * total(sums["dot"])
             sk_l1 += r * total(sums["l1"])
         nw = sqrt_beta2 * nw + (1 - sqrt_beta2) * acc
         if sk_l1 == 0:
+            if merged:
+                warnings.warn("DAdaptAdam: every entry of s cancelled to exactly 0 in this step, which the "
+                              "authors' package skips; the step was already taken with the moments",
+                              RuntimeWarning, stacklevel=3)
             return
         if lr > 0:
             d_hat = nw / ((1 - sqrt_beta2) * sk_l1)
@@ -119,8 +146,11 @@ class DAdaptAdam(GlobalStepOptimizer):
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, k=k + 1)
         for part in parts:
+            if merged and any(part is x for x in live):
+                continue
             decay = part.group["weight_decay"]
-            self.run_pass(part, type(self).descend, dict(decay_coef=-decay * dlr, eps=part.group["eps"]),
+            self.run_pass(part, type(self).descend,
+                          dict(decay_coef=-decay * dlr, step_coef=-1.0, eps=part.group["eps"]),
                           elementwise=True, decoupled=decay != 0 and decouple)
         self.count_step(parts)
 
@@ -142,6 +172,10 @@ class DAdaptSGD(GlobalStepOptimizer):
 
     ``lr`` multiplies the adapted step (leave it at 1). Defaults: lr 1, momentum 0, weight_decay 0,
     d0 1e-6, growth_rate inf. State: s and x0 (2 words); d, k, N and g0_norm live in every param group.
+
+    After the first counted step the update of s and the average are one pass over memory (the average
+    uses s, not this step's d): the package's numbers, except in a step where every entry of s cancels to
+    exactly 0, which the package skips and this one has already taken (it warns).
 
     Differences from the package: z is not stored (it is x0 - s, recomputed: 2 words instead of 3);
     momentum, weight_decay, d0 and growth_rate must agree across groups (the package reads group 0);
@@ -179,11 +213,18 @@ class DAdaptSGD(GlobalStepOptimizer):
         return {"dot": dots, "sq": mt.squared_norms(s)}
 
     @staticmethod
-    def average(p, g, s, x0, *, ck):
-        """The second pass: p <- (1 - ck) p + ck (x0 - s)."""
+    def average(p, g, s, x0, *, keep, ck):
+        """The second pass: p <- keep p + ck (x0 - s), keep = 1 - ck (keep 1 and ck 0 leave finite p unchanged)."""
         z = mt.sub(x0, s)
-        mt.mul_(p, 1 - ck)
+        mt.mul_(p, keep)
         mt.add_(p, z, ck)
+
+    @staticmethod
+    def accumulate_average(p, g, s, x0, *, decay, dlr, keep, ck, l2):
+        """Both passes in one: the average uses the s just updated, not this step's new d."""
+        sums = DAdaptSGD.accumulate(p, g, s, x0, decay=decay, dlr=dlr, l2=l2)
+        DAdaptSGD.average(p, g, s, x0, keep=keep, ck=ck)
+        return sums
 
     def global_step(self, work):
         g0 = self.param_groups[0]
@@ -200,18 +241,30 @@ class DAdaptSGD(GlobalStepOptimizer):
         else:
             g0_norm = g0["g0_norm"]
         dlr = d * lr / g0_norm
+        # As in DAdaptAdam: after a counted step s has a nonzero entry, so ||s|| can only be 0 if every gradient
+        # entry cancels it exactly; from then on both passes run as one (one kernel for every step: unmerged, the
+        # average keeps p).
+        merged = k > 0
         sk_sq = 0.0
         for part in live:
-            sums = self.run_pass(part, type(self).accumulate, dict(decay=decay, dlr=dlr), l2=decay != 0)
+            sums = self.run_pass(part, type(self).accumulate_average,
+                                 dict(decay=decay, dlr=dlr, keep=1 - ck if merged else 1.0, ck=ck if merged else 0.0),
+                                 l2=decay != 0)
             nw += dlr * total(sums["dot"])
             sk_sq += total(sums["sq"])
         if lr > 0:
             d_hat = 2 * nw / math.sqrt(sk_sq) if sk_sq > 0 else d
             d = max(d, min(d_hat, d * growth_rate))
         if sk_sq == 0:
+            if merged:
+                warnings.warn("DAdaptSGD: every entry of s cancelled to exactly 0 in this step, which the "
+                              "authors' package skips; the step was already taken with s", RuntimeWarning,
+                              stacklevel=3)
             return
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, g0_norm=g0_norm, k=k + 1)
         for part in parts:
-            self.run_pass(part, type(self).average, dict(ck=ck), elementwise=True)
+            if merged and any(part is x for x in live):
+                continue
+            self.run_pass(part, type(self).average, dict(keep=1 - ck, ck=ck), elementwise=True)
         self.count_step(parts)

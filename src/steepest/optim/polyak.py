@@ -9,20 +9,11 @@ import torch
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.base import Optimizer
-from ..core.precision import is_low_precision, write_back_
+from ..core.global_step import GlobalStepOptimizer, total
 from ..core.registry import register
 
 # Options that the single, global step size depends on: every param group must agree on them.
 _GLOBAL = ("f_star", "c", "maximize")
-
-
-def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if is_low_precision(t.dtype) else t
 
 
 @register("alr_smag", family="first-order",
@@ -31,14 +22,9 @@ def _work(t: torch.Tensor) -> torch.Tensor:
           reference="paper equations (NumPy transcription in tests/optim/test_polyak.py); cf. Schaipp's "
                     "step-back AlrSmag", state_words=1,
           needs=("closure",), example_kwargs={"lr": 0.1, "momentum": 0.9},
-          conformance_skip={
-              "compile": "the step size couples every tensor through the global norm of the momentum and the "
-                         "loss value, read on the host once per step; the step runs as eager for-each ops only, "
-                         "so there is no compiled path to compare",
-          },
           search_space={"lr": ("log", 1e-2, 10.0), "one_minus_momentum": ("log", 1e-2, 0.5),
                         "c": ("log", 0.2, 5.0)})
-class ALRSMAG(Optimizer):
+class ALRSMAG(GlobalStepOptimizer):
     """ALR-SMAG: stochastic momentum (moving-averaged gradient) with a generalized Polyak step size
     (Wang, Johansson & Zhang, "Generalized Polyak Step Size for First Order Optimization with Momentum",
     ICML 2023, arXiv 2305.12939).
@@ -62,14 +48,14 @@ class ALRSMAG(Optimizer):
     Deliberate differences: the gap is clipped at 0 (a loss below f_star gives no step instead of an
     ascent step), and when d_k = 0 the step is lr (or 0 when the gap is 0) instead of 0/0.
     After each step ``last_step_sizes`` holds eta_k of every param group.
-    State: momentum_buffer d (1 word). The step always runs eager (``compile`` is accepted, unused).
+    State: momentum_buffer d (1 word). Two passes over memory with ||d||^2 between them: each runs eager or
+    compiled (the first kernel returns its tensors' squared norms), as ``compile`` says.
     """
 
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "f_star": checks.real(),
                    "c": checks.positive, "weight_decay": checks.nonnegative}
-    weight_decay_mode = "custom"
-    per_tensor = False
     needs_closure = True
+    fusable = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, f_star=0.0, c=1.0, weight_decay=0.0, *, maximize=False,
                  **engine):
@@ -90,6 +76,20 @@ class ALRSMAG(Optimizer):
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)}
 
+    @staticmethod
+    def accumulate(p, g, momentum_buffer, *, momentum):
+        """The first pass: d <- momentum d + g, and ||d||^2."""
+        mt.mul_(momentum_buffer, momentum)
+        mt.add_(momentum_buffer, g)
+        return {"sq": mt.squared_norms(momentum_buffer)}
+
+    @staticmethod
+    def descend(p, g, momentum_buffer, *, eta, decay_factor, decayed):
+        """The second pass: x <- x (1 - eta wd) - eta d."""
+        if decayed:
+            mt.mul_(p, decay_factor)
+        mt.add_(p, momentum_buffer, -eta)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step; ``closure`` must re-evaluate the model, call backward and return the loss."""
@@ -108,26 +108,10 @@ class ALRSMAG(Optimizer):
             self.skipped_steps += 1
             return loss
 
-        # Phase 1: d <- momentum d + g for every tensor, and ||d||^2 over all of them.
-        squares = []
-        for group, params in work:
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.init_state(p, group))
-                    state["step"] = 0
-                state["step"] += 1
-            bufs = [_real(self.state[p]["momentum_buffer"]) for p in params]
-            grads = [_work(_real(p.grad)) for p in params]
-            if group["maximize"]:
-                grads = mt.neg(grads)
-            work_d = [_work(d) for d in bufs]
-            mt.mul_(work_d, group["momentum"])
-            mt.add_(work_d, grads)
-            for d, w in zip(bufs, work_d):
-                write_back_(d, w, self.stochastic_rounding)
-            squares += [n.double() for n in mt.squared_norms([_work(d) for d in bufs])]
-        sq = float(torch.stack([s.cpu() for s in squares]).sum())
+        parts = self.parts(work)
+        self.count_step(parts)
+        sq = sum(total(self.run_pass(part, type(self).accumulate, dict(momentum=part.group["momentum"]))["sq"])
+                 for part in parts)
 
         first = self.param_groups[0]
         gap = (first["f_star"] - loss_value) if first["maximize"] else (loss_value - first["f_star"])
@@ -137,18 +121,14 @@ class ALRSMAG(Optimizer):
         else:
             ratio = math.inf if gap > 0 else (0.0 if gap == 0 else gap)
 
-        # Phase 2: x <- x (1 - eta wd) - eta d, with eta = min(ratio, lr) per group.
-        self.last_step_sizes = []
-        for group, params in work:
+        # eta = min(ratio, lr) per group.
+        etas = {}
+        for group, _ in work:
             lr = self.lr(group)
-            eta = lr if ratio > lr else ratio
-            self.last_step_sizes.append(eta)
-            bufs = [_work(_real(self.state[p]["momentum_buffer"])) for p in params]
-            reals = [_real(p) for p in params]
-            work_p = [_work(p) for p in reals]
-            if group["weight_decay"] != 0:
-                mt.mul_(work_p, 1.0 - eta * group["weight_decay"])
-            mt.add_(work_p, bufs, -eta)
-            for p, w in zip(reals, work_p):
-                write_back_(p, w, self.stochastic_rounding)
+            etas[id(group)] = lr if ratio > lr else ratio
+        self.last_step_sizes = list(etas.values())
+        for part in parts:
+            eta, decay = etas[id(part.group)], part.group["weight_decay"]
+            self.run_pass(part, type(self).descend, dict(eta=eta, decay_factor=1.0 - eta * decay), elementwise=True,
+                          decayed=decay != 0)
         return loss
