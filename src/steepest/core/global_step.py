@@ -206,7 +206,7 @@ class GlobalStepOptimizer(Optimizer):
         return out
 
     def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],
-                 *, elementwise: bool = False, **static: Any) -> dict[str, list[Tensor]]:
+                 *, elementwise: bool = False, fuse: bool = True, **static: Any) -> dict[str, list[Tensor]]:
         """One pass ``fn(p, g, **states, **scalars, **static)`` over a part's tensors, with ``maximize``, float32
         working copies and write-back as every update has them; returns fn's per-tensor reductions (a dict of
         lists of 0-dim tensors, in the part's order).
@@ -215,13 +215,14 @@ class GlobalStepOptimizer(Optimizer):
         of about 2**18 elements (few-MB temporaries, reused from cache), or, as ``compile`` says, compiled with
         scalars passed as tensors (changing them never recompiles): one tensor per kernel call for a pass that
         reduces (its reduction loop and its update loop read the tensor twice, the second time from cache), a
-        few per call for an ``elementwise`` one.
+        few per call for an ``elementwise`` one. ``fuse=False`` runs it eager whatever ``compile`` says (a pass that
+        runs once, at a first step, is not worth a compile there).
         """
         options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
                        stochastic=self.stochastic_rounding)
         outputs: dict[str, dict[int, Tensor]] = defaultdict(dict)
         todo = list(range(len(part.p)))
-        if self._wants_compile(part.p):
+        if fuse and self._wants_compile(part.p):
             plan = self._fused_plan(part.group, part.p, part.g, part.s, elementwise)
             if plan.order:
                 done = set(self._run_fused(part.p, part.g, part.s, scalars, 0.0, plan, part.p[0].device, options,

@@ -119,7 +119,8 @@ class DAdaptAdam(GlobalStepOptimizer):
         # The descent needs nothing this step's reductions give, only whether sum ||s||_1 > 0 (else the package
         # skips it). After a counted step s has a nonzero entry; with sqrt(b2) > 0 and every layer scale > 0 the
         # sum can then only be 0 if every gradient entry cancels its s exactly: both passes run as one.
-        merged = k > 0 and sqrt_beta2 > 0 and all(part.group["layer_scale"] > 0 for part in live)
+        mergeable = sqrt_beta2 > 0 and all(part.group["layer_scale"] > 0 for part in live)
+        merged = k > 0 and mergeable
         acc, sk_l1 = 0.0, 0.0
         for part in live:
             group = part.group
@@ -146,12 +147,13 @@ class DAdaptAdam(GlobalStepOptimizer):
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, k=k + 1)
         for part in parts:
-            if merged and any(part is x for x in live):
+            is_live = any(part is x for x in live)
+            if merged and is_live:
                 continue
             decay = part.group["weight_decay"]
             self.run_pass(part, type(self).descend,
                           dict(decay_coef=-decay * dlr, step_coef=-1.0, eps=part.group["eps"]),
-                          elementwise=True, decoupled=decay != 0 and decouple)
+                          elementwise=True, fuse=not (is_live and mergeable), decoupled=decay != 0 and decouple)
         self.count_step(parts)
 
 
@@ -235,7 +237,8 @@ class DAdaptSGD(GlobalStepOptimizer):
         parts = self.parts(work)
         live = [part for part in parts if self.lr(part.group) > 0]
         if k == 0:
-            g0_norm = math.sqrt(sum(total(self.run_pass(part, type(self).grad_norm, {})["sq"]) for part in live))
+            g0_norm = math.sqrt(sum(total(self.run_pass(part, type(self).grad_norm, {}, fuse=False)["sq"])
+                                    for part in live))
             if g0_norm == 0:
                 return
         else:
@@ -266,5 +269,6 @@ class DAdaptSGD(GlobalStepOptimizer):
         for part in parts:
             if merged and any(part is x for x in live):
                 continue
-            self.run_pass(part, type(self).average, dict(keep=1 - ck, ck=ck), elementwise=True)
+            self.run_pass(part, type(self).average, dict(keep=1 - ck, ck=ck), elementwise=True,
+                          fuse=not any(part is x for x in live))
         self.count_step(parts)
