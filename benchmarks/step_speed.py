@@ -8,12 +8,16 @@ and the state bytes per parameter actually allocated. With AdamW among the metho
 steepest's fused AdamW on torch's fused AdamW's own buffers (the ratio without any placement difference).
 
 Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
-word; write p and each state word). The bandwidth behind each floor is measured on the very tensors the
-step touches (``p.lerp_(g, 0)`` and ``s.lerp_(g, 0)`` for each param-sized state: read two, write one,
-values unchanged), timed interleaved with the steps: on a virtual machine the bandwidth of separately
-allocated buffers can differ by 1.5x, so a floor from other buffers says little about these. The best
-bandwidth of in-place kernels on fresh buffers (``a.addcmul_(b, c)``, ``a.lerp_(b, w)``, torch's fused
-AdamW) is printed for reference.
+word; write p and each state word): the floor every row shares. Each method's own floor ("alg") counts what
+its step must move: p, g and every param-sized state read, p and the states the step writes written (a state
+no step changes, an initial point, is read only; found by stepping a small model), plus the words a global
+step size makes it read twice (registry ``reread_words``).
+
+The bandwidth behind each floor is measured on the very tensors the step touches (``p.lerp_(g, 0)`` and
+``s.lerp_(g, 0)`` for each param-sized state: read two, write one, values unchanged), timed interleaved with
+the steps: on a virtual machine the bandwidth of separately allocated buffers can differ by 1.5x, so a floor
+from other buffers says little about these. The best bandwidth of in-place kernels on fresh buffers
+(``a.addcmul_(b, c)``, ``a.lerp_(b, w)``, torch's fused AdamW) is printed for reference.
 
     python benchmarks/step_speed.py                      # 16M params in 40 tensors, every method
     python benchmarks/step_speed.py --numel 4000000 --only adamw,lion --rounds 15
@@ -91,6 +95,23 @@ def _closure():
     return torch.tensor(1.0)
 
 
+def algorithm_words(info, kwargs) -> int:
+    """Words per parameter the method's step must move: read p, g and each param-sized state, write p and each
+    state a step changes (two steps on a small model with new gradients each; the second one is compared), and
+    read ``info.reread_words`` twice."""
+    params = make_params(4 * 1024, 4, seed=1)
+    opt = info.cls(params, compile=False, **kwargs)
+    step = (lambda: opt.step(_closure)) if getattr(info.cls, "needs_closure", False) else opt.step
+    step()
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    state = opt.state[params[0]]
+    before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == params[0].shape}
+    step()
+    written = [k for k, v in before.items() if not torch.equal(v, state[k])]
+    return 2 + len(before) + 1 + len(written) + info.reread_words
+
+
 def own_stream(opt, params):
     """A step-sized stream over opt's own buffers: ``x.lerp_(g, 0)`` for the params and every param-sized
     state (reads x and g, writes x unchanged). Returns the callable and the float32 words it moves."""
@@ -166,14 +187,15 @@ def main(argv=None):
         names = args.only.split(",")
         chosen = [steepest.get(n) for n in names]
     head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
-            f"{'fused/fl':>9s} {'tFused/fl':>9s} {'eager/tAdamW':>12s} {'per word':>8s} {'fused/tAdamW':>12s} "
-            f"{'fused/tFused':>12s} {'state B/p':>9s}")
+            f"{'fused/fl':>9s} {'alg w':>5s} {'fused/alg':>9s} {'tFused/fl':>9s} {'eager/tAdamW':>12s} "
+            f"{'per word':>8s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s}")
     print(head)
     print("-" * len(head))
     for info in chosen:
         words = 3 + 2 * info.state_words
         kwargs = dict(info.example_kwargs)
         kwargs["lr"] = 1e-6
+        alg_words = algorithm_words(info, kwargs)
         needs_closure = getattr(info.cls, "needs_closure", False)
         try:
             eager = info.cls(params, compile=False, **kwargs)
@@ -216,7 +238,8 @@ def main(argv=None):
         tfused_floor = ms["torch fused AdamW"] / (7 * args.numel * ms["torch fused stream"] / tfused_moved)
         tadamw_floor = ms["torch AdamW"] / (7 * args.numel * ms["torch AdamW stream"] / tadamw_moved)
         print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
-              f"{ms['eager'] / floor['eager']:9.2f} {fused_floor:9.2f} {tfused_floor:9.2f} "
+              f"{ms['eager'] / floor['eager']:9.2f} {fused_floor:9.2f} {alg_words:5d} "
+              f"{fused_floor * words / alg_words:9.2f} {tfused_floor:9.2f} "
               f"{ms['eager'] / ms['torch AdamW']:12.2f} {ms['eager'] / floor['eager'] / tadamw_floor:8.2f} "
               f"{fused_ms / ms['torch AdamW']:12.2f} {fused_ms / ms['torch fused AdamW']:12.2f} {sbytes:9.1f}",
               flush=True)
@@ -227,6 +250,8 @@ def main(argv=None):
         same_buffers(params, args.rounds)
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
           "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
+          "alg w = the words the method's step must move (read p, g, states; write p and the states it changes; "
+          "plus words a global step size reads twice), fused/alg = fused time over that floor; "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager/fl over "
           "torch AdamW's own time/floor (time per word moved, eager vs torch AdamW); "
           "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing.")

@@ -31,6 +31,9 @@ class MethodInfo:
         example_kwargs: hyperparameters that suit a small test problem (lr scaled to it).
         conformance_skip: conformance check name -> why it does not apply to this method.
         search_space: hyperparameter name -> (distribution, low, high) for the benchmark's tuner.
+        reread_words: param-sized words a step must read a second time because its update waits on a reduction
+            over the whole model (a global step size): the model does not stay in cache between the two reads.
+            Counted in the method's memory-traffic floor (benchmarks/step_speed.py).
     """
 
     name: str
@@ -45,6 +48,7 @@ class MethodInfo:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     conformance_skip: dict[str, str] = field(default_factory=dict)
     search_space: dict[str, tuple] = field(default_factory=dict)
+    reread_words: int = 0
 
 
 REGISTRY: dict[str, MethodInfo] = {}

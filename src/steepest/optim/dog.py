@@ -27,7 +27,7 @@ _HYPER = {"lr": checks.nonnegative, "reps_rel": checks.nonnegative, "weight_deca
 @register("dog", family="parameter-free",
           paper="Ivgi, Hinder & Carmon 2023, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule",
           arxiv="2302.12022", reference="carmonlab/dog (dog-optimizer 1.0.2), NumPy transcription in the test",
-          state_words=1, example_kwargs={"lr": 1.0},
+          state_words=1, example_kwargs={"lr": 1.0}, reread_words=2,  # x and g: norms, then x <- x - eta g
           search_space={"lr": ("log", 0.3, 3.0), "reps_rel": ("log", 1e-8, 1e-3)})
 class DoG(GlobalStepOptimizer):
     """DoG, Distance over Gradients (Ivgi, Hinder & Carmon 2023, "DoG is SGD's Best Friend: A

@@ -20,7 +20,7 @@ _GLOBAL = ("f_star", "c", "maximize")
           paper="Wang, Johansson & Zhang 2023, Generalized Polyak Step Size for First Order Optimization with "
                 "Momentum", arxiv="2305.12939",
           reference="paper equations (NumPy transcription in tests/optim/test_polyak.py); cf. Schaipp's "
-                    "step-back AlrSmag", state_words=1,
+                    "step-back AlrSmag", state_words=1, reread_words=1,  # d: ||d||^2, then x <- x - eta d
           needs=("closure",), example_kwargs={"lr": 0.1, "momentum": 0.9},
           search_space={"lr": ("log", 1e-2, 10.0), "one_minus_momentum": ("log", 1e-2, 0.5),
                         "c": ("log", 0.2, 5.0)})

@@ -26,6 +26,7 @@ _beta3_check.bad_example = 1.5
 @register("prodigy", family="parameter-free",
           paper="Mishchenko & Defazio 2023, Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
           arxiv="2306.06101", reference="prodigyopt 1.1.2 (Prodigy)", state_words=4,
+          reread_words=3,  # p, m, v: the descent's denominator holds this step's new d
           example_kwargs={"lr": 1.0, "weight_decay": 1e-2}, conformance_skip=_SKIP,
           search_space={"lr": ("log", 0.3, 3.0), "weight_decay": ("log", 1e-4, 0.1)})
 class Prodigy(GlobalStepOptimizer):
