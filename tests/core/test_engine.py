@@ -130,6 +130,28 @@ def test_background_compile_steps_eager_until_ready_then_fused():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name, kernels", [("prodigy", 2), ("dadapt_adam", 1), ("dog", 2)])
+def test_global_step_passes_compile_in_the_background_then_run_fused(name, kernels):
+    """A global-step method's passes: the first step runs eager while they compile on stand-ins (bit for bit the
+    eager step); once ready, each pass is one kernel for every shape and storage offset, its reductions returned,
+    and the trajectory stays the eager one."""
+    cls = steepest.get(name).cls
+    ref = _offset_params(SHAPES_10)
+    ref_opt = cls(ref, compile=False)
+    _train(ref, ref_opt, 1)
+    graphs = compiled_graphs()
+    params = _offset_params(SHAPES_10)
+    opt = cls(params, compile="background")
+    _train(params, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+    assert opt.wait_compiled(120)
+    _train(params, opt, 4, start=1)
+    _train(ref, ref_opt, 4, start=1)
+    assert not opt._compile_jobs and len(opt._kernels) == kernels == compiled_graphs() - graphs
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("standalone", [True, False])
 def test_fused_params_with_storage_offsets_share_one_graph(monkeypatch, standalone):
     """Views into one buffer at odd offsets, through inductor's standalone compiler or (where torch lacks it)
