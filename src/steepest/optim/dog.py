@@ -8,8 +8,8 @@ import torch
 
 from ..core import checks
 from ..core import multitensor as mt
-from ..core.base import _apply_update
 from ..core.global_step import GlobalStepOptimizer, total
+from ..core.precision import working_dtype
 from ..core.registry import register
 
 
@@ -132,6 +132,26 @@ class LDoG(DoG):
     """
 
     per_tensor = True
+    # Per-tensor step sizes as one-element tensors the descent kernel reads (rebuilt on demand, never saved).
+    _transient = ("_eta_slots",)
+
+    @staticmethod
+    def descend_each(p, g, x0, eta, *, decay, l2):
+        """The second pass: x <- x - eta_i g (g with L2 decay), eta_i a one-element tensor per tensor."""
+        if l2:
+            g = mt.add(g, p, alpha=decay)
+        for x, y, e in zip(p, g, eta):
+            x.addcmul_(y, e if x.dim() else e.reshape(()), value=-1.0)
+
+    def _eta_slot(self, p, value):
+        """p's one-element step-size tensor (in p's working dtype), set to value."""
+        slots = self.__dict__.setdefault("_eta_slots", {})
+        slot = slots.get(p)
+        if slot is None:
+            slot = slots[p] = torch.zeros(1, dtype=working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype,
+                                          device=p.device)
+        slot.fill_(value)
+        return slot
 
     def _group_step(self, group, parts):
         n = len(group["params"])
@@ -157,9 +177,6 @@ class LDoG(DoG):
                     eta = group["init_eta"]
                 group["rbar"][i], group["G"][i], group["eta"][i] = rbar, G, eta
                 etas.append(eta)
-            # One step size per tensor: the second pass runs eager, tensor by tensor (an axpy reads x and g once).
-            options = dict(static={"l2": decay != 0}, maximize=bool(group["maximize"]), wd_mode=None,
-                           stochastic=self.stochastic_rounding)
-            for x, g, x0, eta in zip(part.p, part.g, part.s["x0"], etas):
-                _apply_update(type(self).descend, [x], [g], {"x0": [x0]}, {"decay": decay, "eta": eta}, 0.0,
-                              **options)
+            slots = [self._eta_slot(p, eta) for p, eta in zip(part.params, etas)]
+            self.run_pass(part._replace(s={**part.s, "eta": slots}), type(self).descend_each, dict(decay=decay),
+                          elementwise=True, l2=decay != 0)
