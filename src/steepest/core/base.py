@@ -49,10 +49,11 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 _STANDARD_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "name"})
 _COMPILE_MIN_NUMEL = 1 << 20
 # Tensors per compiled call of an elementwise update. Each tensor is one loop of the generated kernel: larger
-# kernels compile for longer (AdamW's first step on a fresh machine, benchmarks/first_step.py: 5.4-5.5 s at 4,
-# 6.1-6.2 s at 6), and at ~10 us per call chunks of 4 to 20 tensors stepped equally fast on a 2-core CPU (same
-# buffers, interleaved; 16.8M params in 40 tensors).
-_FUSE_CHUNK = 4
+# kernels compile for longer (AdamW's first step on a fresh machine, benchmarks/first_step.py, runs interleaved:
+# 5.0-5.7 s at 2 tensors, 5.8-6.9 s at 4, 6.1-6.2 s at 6 in an earlier window), while at ~10 us per call chunks
+# of 1, 2 and 4 tensors stepped equally fast within noise (16.8M params in 40 tensors, same process, interleaved:
+# AdamW 8.92-10.07 ms at 2 against 8.93-9.93 ms at 4, Adan 9.81-10.13 against 9.48-10.44).
+_FUSE_CHUNK = 2
 _EAGER_CHUNK_NUMEL = 1 << 18
 _compile_counter = 0
 
