@@ -152,6 +152,21 @@ def test_global_step_passes_compile_in_the_background_then_run_fused(name, kerne
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
+def test_global_step_pass_outputs_through_torch_compile(monkeypatch):
+    """Where torch lacks inductor's standalone compiler, the passes go through torch.compile and their kernels
+    still return the reductions: D-Adapt Adam and LDoG follow their eager trajectories."""
+    monkeypatch.delattr(torch._inductor, "standalone_compile", raising=False)
+    for name in ("dadapt_adam", "ldog"):
+        cls = steepest.get(name).cls
+        ref, params = _offset_params(SHAPES_10), _offset_params(SHAPES_10)
+        _train(ref, cls(ref, compile=False), 4)
+        opt = cls(params, compile=True)
+        _train(params, opt, 4)
+        assert opt._kernels and all(k is not None for k in opt._kernels.values())
+        for a, b in zip(params, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("standalone", [True, False])
 def test_fused_params_with_storage_offsets_share_one_graph(monkeypatch, standalone):
     """Views into one buffer at odd offsets, through inductor's standalone compiler or (where torch lacks it)

@@ -146,10 +146,10 @@ class LDoG(DoG):
     def _eta_slot(self, p, value):
         """p's one-element step-size tensor (in p's working dtype), set to value."""
         slots = self.__dict__.setdefault("_eta_slots", {})
+        dtype = working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype
         slot = slots.get(p)
-        if slot is None:
-            slot = slots[p] = torch.zeros(1, dtype=working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype,
-                                          device=p.device)
+        if slot is None or slot.dtype != dtype or slot.device != p.device:  # new, or the model moved or was cast
+            slot = slots[p] = torch.zeros(1, dtype=dtype, device=p.device)
         slot.fill_(value)
         return slot
 
