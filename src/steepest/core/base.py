@@ -705,7 +705,7 @@ class Optimizer(torch.optim.Optimizer):
         """
         elementwise = self.elementwise if elementwise is None else elementwise
         sig = tuple(p.data_ptr() for p in params) + tuple(t.data_ptr() for v in states.values() for t in v)
-        key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params), elementwise)
+        key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params), elementwise, tuple(states))
         plan = self._plans.get(key)
         if plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.order):
             return plan

@@ -214,8 +214,9 @@ class GlobalStepOptimizer(Optimizer):
         fn is written with :mod:`~steepest.core.multitensor` helpers, as an update is: it runs eager over pieces
         of about 2**18 elements (few-MB temporaries, reused from cache), or, as ``compile`` says, compiled with
         scalars passed as tensors (changing them never recompiles): one tensor per kernel call for a pass that
-        reduces (its reduction loop and its update loop read the tensor twice, the second time from cache), a
-        few per call for an ``elementwise`` one. ``fuse=False`` runs it eager whatever ``compile`` says (a pass that
+        reduces (a kernel runs all its reductions before its update loops, which read the tensors again: one
+        tensor per call keeps that second read small enough for the cache to help), a few per call for an
+        ``elementwise`` one. ``fuse=False`` runs it eager whatever ``compile`` says (a pass that
         runs once, at a first step, is not worth a compile there).
         """
         options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
