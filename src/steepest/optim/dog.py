@@ -64,12 +64,15 @@ class DoG(GlobalStepOptimizer):
     fusable = True
 
     @staticmethod
-    def norms(p, g, x0, *, decay, l2):
-        """The first pass: ||g||^2 (g with L2 decay), ||x - x0||^2 and ||x0||^2 (for a first step's rbar; read
-        in the same loop as x - x0, so one kernel serves every step)."""
+    def norms(p, g, x0, *, decay, first, l2):
+        """The first pass: ||g||^2 (g with L2 decay), ||x - x0||^2 and ||x0||^2 (for a first step's rbar).
+
+        Compiled, ||x0||^2 comes from the loop that reads x0 anyway, so one kernel serves every step (``first``
+        is then unused); eager, it is a pass of its own, taken only when ``first`` is nonzero (0 otherwise)."""
         if l2:
             g = mt.add(g, p, alpha=decay)
-        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(mt.sub(p, x0)), "x0_sq": mt.squared_norms(x0)}
+        x0_sq = mt.squared_norms(x0) if mt.compiling() or first else [x.new_zeros(()) for x in x0]
+        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(mt.sub(p, x0)), "x0_sq": x0_sq}
 
     @staticmethod
     def descend(p, g, x0, *, decay, eta, l2):
@@ -87,9 +90,9 @@ class DoG(GlobalStepOptimizer):
             self._group_step(group_parts[0].group, group_parts)
         self.count_step(parts)
 
-    def _norms(self, group, part):
+    def _norms(self, group, part, first):
         decay = group["weight_decay"]
-        return self.run_pass(part, type(self).norms, dict(decay=decay), l2=decay != 0)
+        return self.run_pass(part, type(self).norms, dict(decay=decay, first=float(first)), l2=decay != 0)
 
     def _descend(self, group, part, eta):
         decay = group["weight_decay"]
@@ -98,7 +101,7 @@ class DoG(GlobalStepOptimizer):
     def _group_step(self, group, parts):
         first = "rbar" not in group
         reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
-        sums = [self._norms(group, part) for part in parts]
+        sums = [self._norms(group, part, first) for part in parts]
         g_sq = sum(total(x["g_sq"]) for x in sums)
         r = math.sqrt(sum(total(x["x0_sq" if first else "r_sq"]) for x in sums))
         if first:
@@ -163,7 +166,7 @@ class LDoG(DoG):
         lr, decay = self.lr(group), group["weight_decay"]
         for part in parts:
             first = [group["rbar"][index[id(p)]] is None for p in part.params]
-            sums = self._norms(group, part)
+            sums = self._norms(group, part, any(first))
             g_sq, r_sq, x0_sq = (torch.stack(sums[k]).double().tolist() for k in ("g_sq", "r_sq", "x0_sq"))
             etas = []
             for j, p in enumerate(part.params):
