@@ -9,9 +9,9 @@ steepest's fused AdamW on torch's fused AdamW's own buffers (the ratio without a
 
 Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g and each state
 word; write p and each state word): the floor every row shares. Each method's own floor ("alg") counts what
-its step must move: p, g and every param-sized state read, p and the states the step writes written (a state
-no step changes, an initial point, is read only; found by stepping a small model), plus the words a global
-step size makes it read twice (registry ``reread_words``).
+its step must move, found by stepping a small model: g, p unless the step overwrites it, and the param-sized
+states whose old values the step uses read; p and the states the step changes written (an initial point such
+as DoG's x0 is read only); plus the words a global step size makes it read twice (registry ``reread_words``).
 
 The bandwidth behind each floor is measured on the very tensors the step touches (``p.lerp_(g, 0)`` and
 ``s.lerp_(g, 0)`` for each param-sized state: read two, write one, values unchanged), timed interleaved with
@@ -29,6 +29,7 @@ import argparse
 import random
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -96,20 +97,40 @@ def _closure():
 
 
 def algorithm_words(info, kwargs) -> int:
-    """Words per parameter the method's step must move: read p, g and each param-sized state, write p and each
-    state a step changes (two steps on a small model with new gradients each; the second one is compared), and
-    read ``info.reread_words`` twice."""
-    params = make_params(4 * 1024, 4, seed=1)
-    opt = info.cls(params, compile=False, **kwargs)
-    step = (lambda: opt.step(_closure)) if getattr(info.cls, "needs_closure", False) else opt.step
+    """Words per parameter the method's step must move, found on a small model: it reads g, p unless the step
+    overwrites it, and each param-sized state whose old value the step uses; it writes p and each state the step
+    changes; plus ``info.reread_words`` read twice.
+
+    A state is written if a step with new gradients changes it; p or a state is read if a NaN put into it reaches
+    p or a state (an overwritten value leaves no trace).
+    """
+    needs_closure = getattr(info.cls, "needs_closure", False)
+
+    def fresh():
+        params = make_params(4 * 1024, 4, seed=1)
+        opt = info.cls(params, compile=False, **kwargs)
+        step = (lambda: opt.step(_closure)) if needs_closure else opt.step
+        step()
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        state = opt.state[params[0]]
+        names = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == params[0].shape]
+        return params, state, names, step
+
+    params, state, names, step = fresh()
+    before = {k: state[k].clone() for k in names}
     step()
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    state = opt.state[params[0]]
-    before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == params[0].shape}
-    step()
-    written = [k for k, v in before.items() if not torch.equal(v, state[k])]
-    return 2 + len(before) + 1 + len(written) + info.reread_words
+    written = [k for k in names if not torch.equal(before[k], state[k])]
+    read = 0
+    for target in [None, *names]:  # None: p itself
+        params, state, names, step = fresh()
+        with torch.no_grad():
+            (params[0] if target is None else state[target]).fill_(float("nan"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step()
+        read += any(torch.isnan(t).any() for t in [params[0], *(state[k] for k in names)])
+    return 1 + read + 1 + len(written) + info.reread_words
 
 
 def own_stream(opt, params):
@@ -250,8 +271,9 @@ def main(argv=None):
         same_buffers(params, args.rounds)
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
           "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
-          "alg w = the words the method's step must move (read p, g, states; write p and the states it changes; "
-          "plus words a global step size reads twice), fused/alg = fused time over that floor; "
+          "alg w = the words the method's step must move (read g, and p and the states whose old values it uses; "
+          "write p and the states it changes; plus words a global step size reads twice), fused/alg = fused "
+          "time over that floor; "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager/fl over "
           "torch AdamW's own time/floor (time per word moved, eager vs torch AdamW); "
           "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing.")
