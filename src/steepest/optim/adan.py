@@ -19,7 +19,8 @@ def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, 
     prox: p <- (p - lr u) / (1 + lr wd); otherwise p <- p (1 - lr wd) - lr u.
     """
     diff = mt.sub(grads, prev_grad)
-    mt.mul_(diff, has_prev)
+    if mt.compiling() or has_prev != 1.0:  # eager, a multiplication by 1 would be a pass over memory for nothing
+        mt.mul_(diff, has_prev)
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.lerp_(exp_avg_diff, diff, 1.0 - beta2)
     mt.mul_(diff, beta2)
