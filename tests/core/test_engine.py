@@ -152,6 +152,27 @@ def test_global_step_passes_compile_in_the_background_then_run_fused(name, kerne
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("name", ["dadapt_adam", "prodigy", "ldog"])
+def test_global_step_passes_mix_fused_and_eager_tensors(name):
+    """One-element and non-contiguous params take the eager pass beside the fused ones; the reductions of both
+    add up to the eager step's."""
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64)),
+                torch.nn.Parameter(torch.randn(1, dtype=torch.float64)),
+                torch.nn.Parameter(torch.randn(30, 20, dtype=torch.float64).t()),
+                torch.nn.Parameter(torch.randn(77, dtype=torch.float64))]
+    cls = steepest.get(name).cls
+    ref, params = make(), make()
+    assert not params[2].is_contiguous()
+    _train(ref, cls(ref, compile=False), 4)
+    opt = cls(params, compile=True)
+    _train(params, opt, 4)
+    assert opt._kernels and all(k is not None for k in opt._kernels.values())
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_global_step_pass_outputs_through_torch_compile(monkeypatch):
     """Where torch lacks inductor's standalone compiler, the passes go through torch.compile and their kernels
     still return the reductions: D-Adapt Adam and LDoG follow their eager trajectories."""
