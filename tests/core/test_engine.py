@@ -162,12 +162,16 @@ def test_global_step_passes_mix_fused_and_eager_tensors(name):
                 torch.nn.Parameter(torch.randn(1, dtype=torch.float64)),
                 torch.nn.Parameter(torch.randn(30, 20, dtype=torch.float64).t()),
                 torch.nn.Parameter(torch.randn(77, dtype=torch.float64))]
-    cls = steepest.get(name).cls
     ref, params = make(), make()
     assert not params[2].is_contiguous()
-    _train(ref, cls(ref, compile=False), 4)
+    _fused_follows_eager(steepest.get(name).cls, ref, params)
+
+
+def _fused_follows_eager(cls, ref, params, steps=4):
+    """cls stepped eager on ref and compiled on params (equal copies): every kernel compiled, same trajectory."""
+    _train(ref, cls(ref, compile=False), steps)
     opt = cls(params, compile=True)
-    _train(params, opt, 4)
+    _train(params, opt, steps)
     assert opt._kernels and all(k is not None for k in opt._kernels.values())
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -178,14 +182,7 @@ def test_global_step_pass_outputs_through_torch_compile(monkeypatch):
     still return the reductions: D-Adapt Adam and LDoG follow their eager trajectories."""
     monkeypatch.delattr(torch._inductor, "standalone_compile", raising=False)
     for name in ("dadapt_adam", "ldog"):
-        cls = steepest.get(name).cls
-        ref, params = _offset_params(SHAPES_10), _offset_params(SHAPES_10)
-        _train(ref, cls(ref, compile=False), 4)
-        opt = cls(params, compile=True)
-        _train(params, opt, 4)
-        assert opt._kernels and all(k is not None for k in opt._kernels.values())
-        for a, b in zip(params, ref):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        _fused_follows_eager(steepest.get(name).cls, _offset_params(SHAPES_10), _offset_params(SHAPES_10))
 
 
 @pytest.mark.parametrize("standalone", [True, False])
