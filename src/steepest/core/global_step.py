@@ -47,28 +47,12 @@ def total(values: list[Tensor]) -> float:
     return float(t.double().sum())
 
 
-def l1_norms(xs: list[Tensor]) -> list[Tensor]:
-    return list(torch._foreach_norm(xs, 1)) if xs else []
-
-
-def sq_norms(xs: list[Tensor]) -> list[Tensor]:
-    return mt.squared_norms(xs) if xs else []
-
-
 class Part(NamedTuple):
     """The params of one group on one device and dtype with their gradients and states, as a pass takes them
     (real views of complex tensors); ``params`` are the Parameters themselves (the state's keys)."""
 
     group: dict[str, Any]
     params: list[Tensor]
-    p: list[Tensor]
-    g: list[Tensor]
-    s: dict[str, list[Tensor]]
-
-
-class Piece(NamedTuple):
-    """A run of a Bucket's tensors (``p``, ``g`` and states ``s``) of a few MB in all."""
-
     p: list[Tensor]
     g: list[Tensor]
     s: dict[str, list[Tensor]]
@@ -95,13 +79,6 @@ class Bucket:
         self._home_s = {k: [self._real(opt.state[p][k]) for p in params] for k in names}
         self.s = {k: [x.float() if is_low_precision(x.dtype) else x for x in v] for k, v in self._home_s.items()}
         self._stochastic = opt.stochastic_rounding
-
-    def pieces(self) -> list[Piece]:
-        """The bucket's tensors in runs of about 2**18 elements. A pass that makes temporaries (a square root,
-        a difference) goes piece by piece: temporaries as large as the model are returned to the OS after
-        each step and page-faulted back in on the next, and several passes over one piece reuse the cache."""
-        return [Piece([self.p[i] for i in r], [self.g[i] for i in r], {k: [v[i] for i in r] for k, v in self.s.items()})
-                for r in chunk_runs([t.numel() for t in self.p])]
 
     @staticmethod
     def _real(t: Tensor) -> Tensor:
