@@ -10,9 +10,13 @@ from ..core.base import Optimizer
 from ..core.registry import register
 
 
-def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, beta1, beta2, eps,
-                bias_correction1, bias_correction2_sqrt, amsgrad=False):
-    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
+def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, beta1, beta2, scaled_eps, step_size,
+                amsgrad=False):
+    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - step_size * m / (sqrt(v) + scaled_eps).
+
+    With step_size = lr sqrt(bc2)/bc1 and scaled_eps = eps sqrt(bc2) this is p - lr/bc1 m / (sqrt(v)/sqrt(bc2) + eps)
+    (``adam_scalars``) in one pass fewer than dividing the root by sqrt(bc2).
+    """
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
@@ -21,9 +25,14 @@ def adam_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, 
         denom = mt.sqrt(max_exp_avg_sq)
     else:
         denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, bias_correction2_sqrt)
-    mt.add_scalar_(denom, eps)
-    mt.addcdiv_(params, exp_avg, denom, -lr / bias_correction1)
+    mt.add_scalar_(denom, scaled_eps)
+    mt.addcdiv_(params, exp_avg, denom, -step_size)
+
+
+def adam_scalars(lr: float, eps: float, bias_correction1: float, bias_correction2_sqrt: float) -> dict[str, float]:
+    """Adam's step size and eps with the second moment's bias correction moved out of the denominator:
+    lr/bc1 m / (sqrt(v)/sqrt(bc2) + eps) = (lr sqrt(bc2)/bc1) m / (sqrt(v) + eps sqrt(bc2))."""
+    return {"step_size": lr * bias_correction2_sqrt / bias_correction1, "scaled_eps": eps * bias_correction2_sqrt}
 
 
 _ADAM_CHECKS = {
@@ -53,8 +62,8 @@ class _AdamBase(Optimizer):
 
     def scalars(self, group, step):
         beta1, beta2 = group["betas"]
-        return dict(lr=self.lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    bias_correction1=1.0 - beta1**step, bias_correction2_sqrt=math.sqrt(1.0 - beta2**step))
+        return dict(beta1=beta1, beta2=beta2,
+                    **adam_scalars(self.lr(group), group["eps"], 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)))
 
     def static_options(self, group):
         return {"amsgrad": group["amsgrad"]}

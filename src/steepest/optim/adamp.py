@@ -10,6 +10,7 @@ from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
 from ..core.registry import register
+from .adam import adam_scalars
 
 
 def _project(p, grad, perturb, delta, wd_ratio, eps):
@@ -100,21 +101,24 @@ def _decay_and_step(p, perturb, ratio, lr, wd_coef, step_size):
         p.add_(perturb, alpha=-step_size)  # no temporary: a parameter-sized one per tensor costs page faults
 
 
-def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, bias_correction1,
-                 bias_correction2_sqrt, delta, wd_ratio, wd_coef, nesterov=False, decay=False):
-    """Adam moments, then per tensor: projection, decoupled weight decay scaled by the ratio, step."""
+def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, scaled_eps, step_size, delta,
+                 wd_ratio, wd_coef, nesterov=False, decay=False):
+    """Adam moments, then per tensor: projection, decoupled weight decay scaled by the ratio, step.
+
+    The direction is m / (sqrt(v) + eps sqrt(bc2)) and the step size lr sqrt(bc2)/bc1 (``adam_scalars``): the
+    package's lr/bc1 m / (sqrt(v)/sqrt(bc2) + eps) in one pass fewer (the projection is linear in the direction
+    and the cosine test reads only g and p, so the scale moves through it)."""
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, bias_correction2_sqrt)
-    mt.add_scalar_(denom, eps)
+    mt.add_scalar_(denom, scaled_eps)
     if nesterov:
         num = mt.mul(exp_avg, beta1)
         mt.add_(num, grads, 1.0 - beta1)
     else:
         num = exp_avg
-    step_size = mt.realize(lr / bias_correction1)
+    step_size = mt.realize(step_size)
     for p, g, n, d in zip(params, grads, num, denom):
         perturb, ratio = _project(p, g, torch.div(n, d, out=d), delta, wd_ratio, eps)  # denom is scratch
         _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
@@ -186,9 +190,9 @@ class AdamP(Optimizer):
     def scalars(self, group, step):
         beta1, beta2 = group["betas"]
         lr = self.lr(group)
-        return dict(lr=lr, beta1=beta1, beta2=beta2, bias_correction1=1.0 - beta1**step,
-                    bias_correction2_sqrt=math.sqrt(1.0 - beta2**step), delta=group["delta"],
-                    wd_ratio=group["wd_ratio"], wd_coef=lr * group["weight_decay"])
+        return dict(lr=lr, beta1=beta1, beta2=beta2, delta=group["delta"], wd_ratio=group["wd_ratio"],
+                    wd_coef=lr * group["weight_decay"],
+                    **adam_scalars(lr, group["eps"], 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)))
 
     def static_options(self, group):
         # eps is static (a Python float, part of the compiled kernel's key): the cosine similarity takes it as

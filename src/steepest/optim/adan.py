@@ -10,26 +10,25 @@ from ..core.base import Optimizer
 from ..core.registry import register
 
 
-def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, lr, beta1, beta2, beta3, eps,
-                has_prev, bias_correction3_sqrt, step_size, step_size_diff, decay, prox_div, prox=True):
+def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, beta1, beta2, beta3, scaled_eps,
+                has_prev, step_size, step_size_diff, decay, prox_div, prox=True):
     """One Adan step, in the order of the authors' ``_multi_tensor_adan``.
 
     d = (g - g_prev) * has_prev (zero on the first step); m <- b1 m + (1-b1) g; diff <- b2 diff + (1-b2) d;
     n <- b3 n + (1-b3) (g + b2 d)^2; u = (m/bc1 + b2 diff/bc2) / (sqrt(n)/sqrt(bc3) + eps);
-    prox: p <- (p - lr u) / (1 + lr wd); otherwise p <- p (1 - lr wd) - lr u.
+    prox: p <- (p - lr u) / (1 + lr wd); otherwise p <- p (1 - lr wd) - lr u. The step sizes and eps carry
+    sqrt(bc3) (``scalars``), so the root is not divided by it (one pass fewer).
     """
     diff = mt.sub(grads, prev_grad)
     if mt.compiling() or has_prev != 1.0:  # eager, a multiplication by 1 would be a pass over memory for nothing
         mt.mul_(diff, has_prev)
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.lerp_(exp_avg_diff, diff, 1.0 - beta2)
-    mt.mul_(diff, beta2)
-    mt.add_(diff, grads)  # g + b2 (g - g_prev)
+    nesterov_grad = mt.add(grads, diff, beta2)  # g + b2 (g - g_prev)
     mt.mul_(exp_avg_sq, beta3)
-    mt.addcmul_(exp_avg_sq, diff, diff, 1.0 - beta3)
+    mt.addcmul_(exp_avg_sq, nesterov_grad, nesterov_grad, 1.0 - beta3)
     denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, bias_correction3_sqrt)
-    mt.add_scalar_(denom, eps)
+    mt.add_scalar_(denom, scaled_eps)
     if not prox:
         mt.mul_(params, decay)
     mt.addcdiv_(params, exp_avg, denom, -step_size)
@@ -90,10 +89,11 @@ class Adan(Optimizer):
         beta1, beta2, beta3 = group["betas"]
         lr = self.lr(group)
         wd = group["weight_decay"]
-        return dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+        bias_correction3_sqrt = math.sqrt(1.0 - beta3**step)
+        return dict(beta1=beta1, beta2=beta2, beta3=beta3, scaled_eps=group["eps"] * bias_correction3_sqrt,
                     has_prev=0.0 if step == 1 else 1.0,
-                    bias_correction3_sqrt=math.sqrt(1.0 - beta3**step),
-                    step_size=lr / (1.0 - beta1**step), step_size_diff=lr * beta2 / (1.0 - beta2**step),
+                    step_size=lr * bias_correction3_sqrt / (1.0 - beta1**step),
+                    step_size_diff=lr * beta2 * bias_correction3_sqrt / (1.0 - beta2**step),
                     decay=1.0 - lr * wd, prox_div=1.0 + lr * wd)
 
     def static_options(self, group):

@@ -11,10 +11,13 @@ from ..core.base import Optimizer
 from ..core.registry import register
 
 
-def ademamix_update(params, grads, exp_avg_slow, exp_avg_sq, exp_avg_fast=None, *, lr, beta1, beta2, beta3, alpha,
-                    eps, bias_correction1, bias_correction2_sqrt):
+def ademamix_update(params, grads, exp_avg_slow, exp_avg_sq, exp_avg_fast=None, *, beta1, beta2, beta3, scaled_eps,
+                    fast_coef, slow_coef):
     """m1 <- b1 m1 + (1-b1) g; m2 <- b3 m2 + (1-b3) g; v <- b2 v + (1-b2) g^2;
-    p <- p - lr (m1/bc1 + alpha m2) / (sqrt(v)/sqrt(bc2) + eps)."""
+    p <- p - (fast_coef m1 + slow_coef m2) / (sqrt(v) + scaled_eps).
+
+    With fast_coef = lr sqrt(bc2)/bc1, slow_coef = lr alpha sqrt(bc2) and scaled_eps = eps sqrt(bc2) (``scalars``)
+    this is p - lr (m1/bc1 + alpha m2) / (sqrt(v)/sqrt(bc2) + eps), without a temporary for the numerator."""
     if exp_avg_fast is not None:
         mt.lerp_(exp_avg_fast, grads, 1.0 - beta1)
         fast = exp_avg_fast
@@ -24,11 +27,9 @@ def ademamix_update(params, grads, exp_avg_slow, exp_avg_sq, exp_avg_fast=None, 
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, bias_correction2_sqrt)
-    mt.add_scalar_(denom, eps)
-    numer = mt.div(fast, bias_correction1)
-    mt.add_(numer, exp_avg_slow, alpha)
-    mt.addcdiv_(params, numer, denom, -lr)
+    mt.add_scalar_(denom, scaled_eps)
+    mt.addcdiv_(params, fast, denom, -fast_coef)
+    mt.addcdiv_(params, exp_avg_slow, denom, -slow_coef)
 
 
 def linear_warmup(step: int, end: float, start: float = 0.0, warmup: int = 1) -> float:
@@ -119,5 +120,7 @@ class AdEMAMix(Optimizer):
             alpha = linear_warmup(step, end=alpha, start=0.0, warmup=group["alpha_warmup"])
         if group["beta3_warmup"] is not None:
             beta3 = half_life_warmup(step, end=beta3, start=beta1, warmup=group["beta3_warmup"])
-        return dict(lr=self.lr(group), beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha, eps=group["eps"],
-                    bias_correction1=1.0 - beta1**step, bias_correction2_sqrt=math.sqrt(1.0 - beta2**step))
+        lr, bias_correction2_sqrt = self.lr(group), math.sqrt(1.0 - beta2**step)
+        return dict(beta1=beta1, beta2=beta2, beta3=beta3, scaled_eps=group["eps"] * bias_correction2_sqrt,
+                    fast_coef=lr * bias_correction2_sqrt / (1.0 - beta1**step),
+                    slow_coef=lr * alpha * bias_correction2_sqrt)

@@ -10,14 +10,15 @@ from ..core.base import Optimizer
 from ..core.registry import register
 
 
-def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, eps, denom_scale, step_size):
-    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - step_size sign(g) |m| / (sqrt(v)/denom_scale + eps)."""
+def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, scaled_eps, step_size):
+    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - step_size sign(g) |m| / (sqrt(v) + scaled_eps).
+
+    ``scalars`` moves the paper's sqrt(bc2) out of the denominator into step_size and scaled_eps."""
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, denom_scale)
-    mt.add_scalar_(denom, eps)
+    mt.add_scalar_(denom, scaled_eps)
     direction = mt.abs(exp_avg)
     mt.mul_(direction, mt.sign(grads))
     mt.addcdiv_(params, direction, denom, -step_size)
@@ -73,8 +74,6 @@ class Grams(Optimizer):
         bc1, bc2_sqrt = 1.0, 1.0
         if group["correct_bias"]:
             bc1, bc2_sqrt = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
-        if group["eps_mode"] == "paper":
-            denom_scale, step_size = bc2_sqrt, lr / bc1
-        else:
-            denom_scale, step_size = 1.0, lr * bc2_sqrt / bc1
-        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], denom_scale=denom_scale, step_size=step_size)
+        # paper: lr/bc1 |m| / (sqrt(v)/sqrt(bc2) + eps) = lr sqrt(bc2)/bc1 |m| / (sqrt(v) + eps sqrt(bc2))
+        scaled_eps = group["eps"] * bc2_sqrt if group["eps_mode"] == "paper" else group["eps"]
+        return dict(beta1=beta1, beta2=beta2, scaled_eps=scaled_eps, step_size=lr * bc2_sqrt / bc1)

@@ -13,7 +13,7 @@ from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer, _apply_update
 from ..core.registry import register
-from .adam import adam_update
+from .adam import adam_scalars, adam_update
 
 # The authors' quintic coefficients (KellerJordan/Muon, muon.py): chosen to maximise the slope at zero.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -301,7 +301,7 @@ class Muon(Optimizer):
         if params[0].is_complex():
             params, grads = [torch.view_as_real(p) for p in params], [torch.view_as_real(g) for g in grads]
             states = {k: [torch.view_as_real(s) for s in v] for k, v in states.items()}
-        scalars = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["adamw_eps"], bias_correction1=1.0 - beta1**step,
-                       bias_correction2_sqrt=math.sqrt(1.0 - beta2**step))
+        scalars = dict(beta1=beta1, beta2=beta2, **adam_scalars(lr, group["adamw_eps"], 1.0 - beta1**step,
+                                                                math.sqrt(1.0 - beta2**step)))
         _apply_update(adam_update, params, grads, states, scalars, wd,
                       **self._options(group, wd, {"amsgrad": False}))

@@ -11,15 +11,16 @@ from ..core.base import Optimizer
 from ..core.registry import register
 
 
-def nadamw_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, eps, bias_correction2_sqrt, grad_coef,
-                  momentum_coef):
-    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - (grad_coef g + momentum_coef m) / (sqrt(v/bc2) + eps)."""
+def nadamw_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, scaled_eps, grad_coef, momentum_coef):
+    """m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2; p <- p - (grad_coef g + momentum_coef m) / (sqrt(v) + scaled_eps).
+
+    The coefficients and eps carry sqrt(bc2) (``scalars``): the same step as dividing the root by sqrt(bc2), in one
+    pass fewer."""
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(exp_avg_sq)
-    mt.div_(denom, bias_correction2_sqrt)
-    mt.add_scalar_(denom, eps)
+    mt.add_scalar_(denom, scaled_eps)
     mt.addcdiv_(params, grads, denom, -grad_coef)
     mt.addcdiv_(params, exp_avg, denom, -momentum_coef)
 
@@ -131,6 +132,6 @@ class NAdamW(Optimizer):
             product = self._mu_products(beta1, psi, step)
             grad_coef = lr * (1.0 - mu) / (1.0 - product)
             momentum_coef = lr * mu_next / (1.0 - product * mu_next)
-        return dict(beta1=beta1, beta2=beta2, eps=group["eps"],
-                    bias_correction2_sqrt=math.sqrt(1.0 - beta2**step), grad_coef=grad_coef,
-                    momentum_coef=momentum_coef)
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        return dict(beta1=beta1, beta2=beta2, scaled_eps=group["eps"] * bias_correction2_sqrt,
+                    grad_coef=grad_coef * bias_correction2_sqrt, momentum_coef=momentum_coef * bias_correction2_sqrt)

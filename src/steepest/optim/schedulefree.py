@@ -6,6 +6,7 @@ Named so as not to shadow the authors' package: import ours as ``steepest.SGDSch
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -54,13 +55,16 @@ def sgd_schedulefree_update(params, grads, z, *, lr, ckp1, y_coef, weight_decay,
     _sf_step(params, grads, z, lr, ckp1, y_coef)
 
 
-def adamw_schedulefree_update(params, grads, z, exp_avg_sq, *, lr, ckp1, y_coef, beta2, bias_correction2, eps,
-                              weight_decay, decay=False):
-    """Schedule-Free AdamW: g / (sqrt(v / bc2) + eps), plus wd y (decay at y), then the y/z step."""
+def adamw_schedulefree_update(params, grads, z, exp_avg_sq, *, lr, ckp1, y_coef, beta2, scaled_eps, weight_decay,
+                              decay=False):
+    """Schedule-Free AdamW: g / (sqrt(v / bc2) + eps), plus wd y (decay at y), then the y/z step.
+
+    Written g / (sqrt(v) + scaled_eps) + (wd / sqrt(bc2)) y with lr and y_coef multiplied by sqrt(bc2) and
+    scaled_eps = eps sqrt(bc2) (``scalars``): the same step without a pass dividing v by bc2."""
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-    denom = mt.sqrt(mt.div(exp_avg_sq, bias_correction2))
-    mt.add_scalar_(denom, eps)
+    denom = mt.sqrt(exp_avg_sq)
+    mt.add_scalar_(denom, scaled_eps)
     if decay:
         normalized = mt.div(grads, denom)
         mt.add_(normalized, params, weight_decay)
@@ -247,6 +251,7 @@ class AdamWScheduleFree(_ScheduleFree):
     def scalars(self, group, step):
         c = self._current
         beta2 = group["betas"][1]
-        return dict(lr=c["lr"], ckp1=c["ckp1"], y_coef=c["y_coef"], beta2=beta2,
-                    bias_correction2=1.0 - beta2 ** (c["k"] + 1), eps=group["eps"],
-                    weight_decay=group["weight_decay"])
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** (c["k"] + 1))
+        return dict(lr=c["lr"] * bias_correction2_sqrt, ckp1=c["ckp1"], y_coef=c["y_coef"] * bias_correction2_sqrt,
+                    beta2=beta2, scaled_eps=group["eps"] * bias_correction2_sqrt,
+                    weight_decay=group["weight_decay"] / bias_correction2_sqrt)
