@@ -11,7 +11,8 @@ Words moved per step are counted as 3 + 2 * state_words per parameter (read p, g
 word; write p and each state word): the floor every row shares. Each method's own floor ("alg") counts what
 its step must move, found by stepping a small model: g, p unless the step overwrites it, and the param-sized
 states whose old values the step uses read; p and the states the step changes written (an initial point such
-as DoG's x0 is read only); plus the words a global step size makes it read twice (registry ``reread_words``).
+as DoG's x0 is read only); plus the words an update that waits on a reduction (over the model or a whole tensor)
+makes it read twice (registry ``reread_words``).
 
 The bandwidth behind each floor is measured on the very tensors the step touches (``p.lerp_(g, 0)`` and
 ``s.lerp_(g, 0)`` for each param-sized state: read two, write one, values unchanged), timed interleaved with
@@ -272,8 +273,8 @@ def main(argv=None):
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
           "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
           "alg w = the words the method's step must move (read g, and p and the states whose old values it uses; "
-          "write p and the states it changes; plus words a global step size reads twice), fused/alg = fused "
-          "time over that floor; "
+          "write p and the states it changes; plus words read twice because the update waits on a reduction), "
+          "fused/alg = fused time over that floor; "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager/fl over "
           "torch AdamW's own time/floor (time per word moved, eager vs torch AdamW); "
           "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing.")

@@ -32,8 +32,11 @@ class MethodInfo:
         conformance_skip: conformance check name -> why it does not apply to this method.
         search_space: hyperparameter name -> (distribution, low, high) for the benchmark's tuner.
         reread_words: param-sized words a step must read a second time because its update waits on a reduction
-            over the whole model (a global step size): the model does not stay in cache between the two reads.
-            Counted in the method's memory-traffic floor (benchmarks/step_speed.py).
+            over the whole model (a global step size) or over a whole tensor (a per-tensor cosine or norm): the
+            words do not stay in cache between the two reads (the model never; a tensor larger than the
+            last-level cache share of a core, as the benchmark's 1.6 MB ones: read twice in a row, the second read
+            costs 0.7 of the first there). Counted in the method's memory-traffic floor
+            (benchmarks/step_speed.py).
     """
 
     name: str

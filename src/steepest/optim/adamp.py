@@ -155,6 +155,7 @@ _PROJECTION_NOTE = """
 @register("adamp", family="first-order",
           paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
                 "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=2,
+          reread_words=3,  # p, m, v: per-row sums of g p, g^2, p^2, p u (u = m / (sqrt(v) + eps)), then p <- p - u
           example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
           search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
@@ -203,6 +204,7 @@ class AdamP(Optimizer):
 @register("sgdp", family="first-order",
           paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
                 "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=1,
+          reread_words=2,  # p, buf: per-row sums of g p, g^2, p^2, p buf, then p <- p - buf
           example_kwargs={"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
           search_space={"lr": ("log", 2e-2, 5.0), "one_minus_momentum": ("log", 1e-3, 0.5),
                         "weight_decay": ("log", 1e-7, 1e-2)})

@@ -121,7 +121,7 @@ class DoG(GlobalStepOptimizer):
 @register("ldog", family="parameter-free",
           paper="Ivgi, Hinder & Carmon 2023, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule",
           arxiv="2302.12022", reference="carmonlab/dog (LDoG), NumPy transcription in the test", state_words=1,
-          example_kwargs={"lr": 1.0})
+          example_kwargs={"lr": 1.0}, reread_words=2)  # x and g: the tensor's norms, then x <- x - eta g
 class LDoG(DoG):
     """LDoG, layer-wise DoG (Ivgi, Hinder & Carmon 2023, arXiv 2302.12022, section 4): the step size of
     :class:`DoG` computed for each tensor separately,

@@ -54,6 +54,7 @@ _PAPER = "Malviya et al. 2024, Torque-Aware Momentum"
 
 @register("tam", family="first-order", paper=_PAPER, arxiv="2412.18790",
           reference="paper equations (NumPy transcription in tests/optim/test_tam.py)", state_words=1,
+          reread_words=2,  # m and g: cos(m, g) of the whole tensor, then m <- momentum m + w g
           status="experimental", example_kwargs={"lr": 0.05, "momentum": 0.9},
           search_space={"lr": ("log", 1e-2, 5.0), "one_minus_momentum": ("log", 1e-3, 0.5),
                         "weight_decay": ("log", 1e-7, 1e-2)})
@@ -135,7 +136,7 @@ _ADATAM_DOC = """
 
 @register("adatam", family="first-order", paper=_PAPER, arxiv="2412.18790",
           reference="paper equations as transcribed by pytorch_optimizer (NumPy transcription in tests)",
-          state_words=2, status="experimental", example_kwargs={"lr": 1e-2},
+          state_words=2, status="experimental", example_kwargs={"lr": 1e-2}, reread_words=2,
           search_space={"lr": ("log", 1e-5, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1)})
 class AdaTAM(_AdaTAMBase):
     __doc__ = ("AdaTAM: Adam-style Torque-Aware Momentum (Malviya et al. 2024, arXiv 2412.18790), L2 weight "
@@ -146,6 +147,7 @@ class AdaTAM(_AdaTAMBase):
 @register("adatamw", family="first-order", paper=_PAPER, arxiv="2412.18790",
           reference="paper equations as transcribed by pytorch_optimizer (NumPy transcription in tests)",
           state_words=2, status="experimental", example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
+          reread_words=2,
           search_space={"lr": ("log", 1e-5, 1e-2), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class AdaTAMW(_AdaTAMBase):
