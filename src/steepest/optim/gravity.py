@@ -27,6 +27,7 @@ def gravity_update(params, grads, velocity, *, lr, beta_hat):
           arxiv="2101.09192",
           reference="paper algorithm; dariush-bahrami/gravity.optimizer (float64 NumPy transcription in the tests)",
           state_words=1, example_kwargs={"lr": 0.1, "alpha": 0.0},
+          reread_words=1,  # g: max |g| of the tensor, then zeta = g / (1 + (g max|g|)^2)
           search_space={"lr": ("log", 1e-2, 1.0), "alpha": ("log", 1e-3, 0.1)})
 class Gravity(Optimizer):
     """Gravity (Bahrami & Zadeh 2021, "Gravity Optimizer: a Kinematic Approach on Optimization in Deep

@@ -17,12 +17,13 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
     sq = mt.squared_norms(grads)
     for v, s in zip(exp_avg_sq, sq):
         v.mul_(beta2_t).add_(s * (1.0 - beta2_t))
-    # v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too.
-    scaled = [g / (v + eps).sqrt().reshape(v.shape[1:]) for g, v in zip(grads, exp_avg_sq)]
-    if decay:
-        mt.add_(scaled, params, weight_decay)
     mt.mul_(exp_avg, beta1)
-    mt.add_(exp_avg, scaled, grad_scale)
+    for m, g, v in zip(exp_avg, grads, exp_avg_sq):
+        # One pass, no gradient-sized temporary: the per-tensor factor c / sqrt(v + eps) broadcasts inside
+        # addcmul_ (v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too).
+        m.addcmul_(g, (grad_scale / (v + eps).sqrt()).reshape(v.shape[1:]))
+    if decay:
+        mt.add_(exp_avg, params, grad_scale * weight_decay)
     mt.add_(params, exp_avg, -lr)
 
 
@@ -31,6 +32,7 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
                 "of Deep Networks", arxiv="1905.11286",
           reference="paper Algorithm 1; NVIDIA OpenSeq2Seq NovoGrad2 (float64 NumPy transcription in the tests)",
           state_words=1, example_kwargs={"lr": 1e-2, "weight_decay": 1e-3},
+          reread_words=1,  # g: ||g||^2 of the tensor, then m <- b1 m + c g / sqrt(v + eps)
           search_space={"lr": ("log", 1e-3, 0.1), "one_minus_beta1": ("log", 1e-2, 0.2),
                         "weight_decay": ("log", 1e-4, 1e-1)})
 class NovoGrad(Optimizer):
