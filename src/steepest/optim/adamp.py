@@ -114,8 +114,7 @@ def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, s
     denom = mt.sqrt(exp_avg_sq)
     mt.add_scalar_(denom, scaled_eps)
     if nesterov:
-        num = mt.mul(exp_avg, beta1)
-        mt.add_(num, grads, 1.0 - beta1)
+        num = mt.lerp(exp_avg, grads, 1.0 - beta1)
     else:
         num = exp_avg
     step_size = mt.realize(step_size)

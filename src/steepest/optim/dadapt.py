@@ -75,7 +75,8 @@ class DAdaptAdam(GlobalStepOptimizer):
             g = mt.add(g, p, alpha=decay)
         denom = mt.sqrt(exp_avg_sq)
         mt.add_scalar_(denom, eps)
-        dots = mt.dots(g, mt.div(s, denom))
+        mt.rdiv_(denom, s)  # s / (sqrt(v) + eps), over the temporary
+        dots = mt.dots(g, denom)
         mt.mul_(exp_avg, beta1)
         mt.add_(exp_avg, g, m_coef)
         mt.mul_(exp_avg_sq, beta2)

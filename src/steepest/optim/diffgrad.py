@@ -18,12 +18,14 @@ def diffgrad_update(params, grads, exp_avg, exp_avg_sq, previous_grad, *, beta1,
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     denom = mt.sqrt(exp_avg_sq)
     mt.add_scalar_(denom, eps)
-    friction = mt.sub(previous_grad, grads)
+    # xi m is built in g_prev's buffer (in-place kernels, no temporary), which then takes this step's g.
+    friction = previous_grad
+    mt.add_(friction, grads, -1.0)
     mt.abs_(friction)
     mt.sigmoid_(friction)
-    mt.copy_(previous_grad, grads)
     mt.mul_(friction, exp_avg)
     mt.addcdiv_(params, friction, denom, -step_size)
+    mt.copy_(previous_grad, grads)
 
 
 @register("diffgrad", family="first-order",

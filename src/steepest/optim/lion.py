@@ -10,9 +10,8 @@ from ..core.registry import register
 
 def lion_update(params, grads, exp_avg, *, lr, beta1, beta2):
     """c = b1 m + (1-b1) g; p <- p - lr sign(c); m <- b2 m + (1-b2) g."""
-    direction = mt.mul(exp_avg, beta1)
-    mt.add_(direction, grads, 1.0 - beta1)
-    direction = mt.sign(direction)
+    direction = mt.lerp(exp_avg, grads, 1.0 - beta1)
+    mt.sign_(direction)
     mt.add_(params, direction, -lr)
     mt.lerp_(exp_avg, grads, 1.0 - beta2)
 

@@ -20,7 +20,8 @@ def optimistic_amsgrad_update(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
     mt.maximum_(max_exp_avg_sq, exp_avg_sq)
     denom = mt.sqrt(max_exp_avg_sq)
-    step = mt.div(exp_avg, denom)
+    mt.rdiv_(denom, exp_avg)
+    step = denom  # theta / sqrt(vhat), over the temporary
     mt.add_(half_point, step, -lr)
     mt.copy_(params, half_point)
     mt.add_(params, step, -lr)

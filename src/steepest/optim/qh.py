@@ -86,8 +86,9 @@ def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, e
     mt.lerp_(exp_avg, grads, w1)
     mt.lerp_(exp_avg_sq, grads_sq, w2)
     avg_grad = mt.lerp(grads, exp_avg, nu1)
-    avg_rms = mt.lerp(grads_sq, exp_avg_sq, nu2)
-    denom = mt.sqrt(avg_rms)
+    mt.lerp_(grads_sq, exp_avg_sq, nu2)  # avg_rms, over the temporary
+    denom = grads_sq
+    mt.sqrt_(denom)
     mt.add_scalar_(denom, eps)
     mt.addcdiv_(params, avg_grad, denom, -lr)
 

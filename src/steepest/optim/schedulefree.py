@@ -66,7 +66,8 @@ def adamw_schedulefree_update(params, grads, z, exp_avg_sq, *, lr, ckp1, y_coef,
     denom = mt.sqrt(exp_avg_sq)
     mt.add_scalar_(denom, scaled_eps)
     if decay:
-        normalized = mt.div(grads, denom)
+        mt.rdiv_(denom, grads)
+        normalized = denom  # g / denom, over the temporary
         mt.add_(normalized, params, weight_decay)
         _sf_step(params, normalized, z, lr, ckp1, y_coef)
     else:  # the normalised gradient as a quotient: one eager pass fewer

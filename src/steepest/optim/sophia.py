@@ -29,7 +29,8 @@ def sophia_update(params, grads, exp_avg, hessian, *, lr, beta1, rho_bs, eps):
     denom = list(torch._foreach_clamp_min(hessian, 0.0))
     mt.mul_(denom, rho_bs)
     mt.add_scalar_(denom, eps)
-    ratio = list(torch._foreach_div(mt.abs(exp_avg), denom))
+    ratio = mt.abs(exp_avg)
+    mt.div_(ratio, denom)
     torch._foreach_clamp_max_(ratio, 1.0)
     mt.addcmul_(params, mt.sign(exp_avg), ratio, -lr)
 
