@@ -268,7 +268,9 @@ def test_bfloat16_states_with_stochastic_rounding(info):
     applies(info, "dtypes")
     got, opt = run(info, steps=5, dtype=torch.float32, state_dtype=torch.bfloat16)
     ref, _ = run(info, steps=5, dtype=torch.float32)
-    floating = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    # Buffers; a method may keep one number per tensor (LDoG's growing sum G) in float32.
+    floating = [v for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1]
     assert all(v.dtype == torch.bfloat16 for v in floating)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

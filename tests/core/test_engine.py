@@ -152,7 +152,7 @@ def test_global_step_passes_compile_in_the_background_then_run_fused(name, kerne
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["dadapt_adam", "prodigy", "ldog"])
+@pytest.mark.parametrize("name", ["dadapt_adam", "prodigy", "dog"])
 def test_global_step_passes_mix_fused_and_eager_tensors(name):
     """One-element and non-contiguous params take the eager pass beside the fused ones; the reductions of both
     add up to the eager step's."""
@@ -179,9 +179,9 @@ def _fused_follows_eager(cls, ref, params, steps=4):
 
 def test_global_step_pass_outputs_through_torch_compile(monkeypatch):
     """Where torch lacks inductor's standalone compiler, the passes go through torch.compile and their kernels
-    still return the reductions: D-Adapt Adam and LDoG follow their eager trajectories."""
+    still return the reductions: D-Adapt Adam and DoG follow their eager trajectories."""
     monkeypatch.delattr(torch._inductor, "standalone_compile", raising=False)
-    for name in ("dadapt_adam", "ldog"):
+    for name in ("dadapt_adam", "dog"):
         _fused_follows_eager(steepest.get(name).cls, _offset_params(SHAPES_10), _offset_params(SHAPES_10))
 
 

@@ -144,3 +144,55 @@ def test_compiled_norms_match_numpy_transcription(cls, blocks):
     params = make_params()
     expected = dog_numpy([p.detach().numpy() for p in params], 6, blocks, **kwargs)
     _compare(cls(params, compile=True, **kwargs), params, expected)
+
+
+def test_ldog_state_is_per_tensor_closed_form():
+    """After a first step each tensor holds its own rbar = reps_rel (1 + ||x0||), G = ||g||^2 + eps and
+    eta = lr rbar / sqrt(G), as one-element tensors."""
+    params = make_params()
+    x0 = [p.detach().clone() for p in params]
+    opt = LDoG(params, lr=0.5)
+    set_grads(params, 0)
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    for p, x, g in zip(params, x0, grads):
+        state = opt.state[p]
+        rbar = 1e-6 * (1 + x.norm().item())
+        G = (g**2).sum().item() + 1e-8
+        assert state["rbar"].shape == (1,) and state["rbar"].item() == pytest.approx(rbar, rel=1e-12)
+        assert state["G"].item() == pytest.approx(G, rel=1e-12)
+        assert state["eta"].item() == pytest.approx(0.5 * rbar / np.sqrt(G), rel=1e-12)
+        torch.testing.assert_close(p.detach(), x - state["eta"] * g, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_ldog_tensor_joining_later_starts_its_own_recursion(compile):
+    """A tensor whose first gradient comes at step 3 takes its first LDoG step then (rbar from its own x0), as an
+    optimizer created for it at that point would."""
+    params, alone = make_params(), make_params()
+    opt = LDoG(params, compile=compile)
+    late = len(params) - 1
+    for t in range(6):
+        set_grads(params, t)
+        if t < 3:
+            params[late].grad = None
+        opt.step()
+    solo = LDoG([alone[late]], compile=compile)
+    for t in range(3, 6):
+        set_grads(alone, t)
+        solo.step()
+    torch.testing.assert_close(params[late], alone[late], rtol=1e-13, atol=1e-15)
+
+
+def test_ldog_keeps_its_sums_in_float32_under_bfloat16_states():
+    """state_dtype=bfloat16 stores x0 in bfloat16, but G (a growing sum: bfloat16 would stop adding a small
+    ||g||^2 to it) stays float32."""
+    params = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    opt = LDoG(params, state_dtype=torch.bfloat16)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    state = opt.state[params[0]]
+    assert state["x0"].dtype == torch.bfloat16
+    assert state["G"].dtype == state["rbar"].dtype == state["eta"].dtype == torch.float32

@@ -8,6 +8,7 @@ import torch
 
 from ..core import checks
 from ..core import multitensor as mt
+from ..core.base import Optimizer
 from ..core.global_step import GlobalStepOptimizer, total
 from ..core.precision import working_dtype
 from ..core.registry import register
@@ -118,68 +119,87 @@ class DoG(GlobalStepOptimizer):
             self._descend(group, part, eta)
 
 
+def ldog_update(params, grads, x0, rbar, G, eta, *, lr, eps, reps_rel, decay, first, init_eta, l2=False,
+                fixed_first_eta=False):
+    """One LDoG step, each tensor its own block: rbar <- max(rbar, ||x - x0||), G <- G + ||g||^2,
+    eta = lr rbar / sqrt(G) (0 where G = 0), x <- x - eta g; at a first step (``first`` = 1) rbar =
+    reps_rel (1 + ||x0||) and G = eps + ||g||^2, and eta = init_eta with ``fixed_first_eta``. g includes L2 decay.
+
+    rbar, G and eta are one-element tensors per param; their arithmetic runs on the stacked vectors (a few
+    small ops per step, not a few per tensor)."""
+    if l2:
+        grads = mt.add(grads, params, alpha=decay)
+    g_sq = torch.stack(mt.squared_norms(grads))
+    dist = torch.stack(mt.norms(mt.sub(params, x0)))
+    rbar_all, G_all = torch.cat(list(rbar)), torch.cat(list(G))
+    # Compiled, ||x0|| comes from the loop that reads x0 anyway and ``first`` is a tensor (one kernel for every
+    # step); eager, ||x0|| is a pass of its own, taken at a first step only.
+    if mt.compiling():
+        is_first = first > 0
+        x0_norm = torch.stack(mt.norms(x0))
+        rbar_all = torch.where(is_first, reps_rel * (1.0 + x0_norm), torch.maximum(rbar_all, dist))
+        G_all = torch.where(is_first, torch.zeros_like(G_all) + eps, G_all) + g_sq
+    elif first:
+        rbar_all = reps_rel * (1.0 + torch.stack(mt.norms(x0)))
+        G_all = g_sq + eps
+    else:
+        rbar_all = torch.maximum(rbar_all, dist)
+        G_all = G_all + g_sq
+    positive = G_all > 0
+    eta_all = torch.where(positive, lr * rbar_all / torch.where(positive, G_all, 1.0).sqrt(), 0.0)
+    if fixed_first_eta and mt.compiling():
+        eta_all = torch.where(first > 0, torch.zeros_like(eta_all) + init_eta, eta_all)
+    elif fixed_first_eta and first:
+        eta_all = torch.full_like(eta_all, init_eta)
+    mt.copy_(rbar, list(rbar_all.split(1)))
+    mt.copy_(G, list(G_all.split(1)))
+    mt.copy_(eta, list(eta_all.split(1)))
+    for x, g, e in zip(params, grads, eta_all):
+        # The one-number step broadcasts inside addcmul_ (no gradient-sized temporary for eta g).
+        x.addcmul_(g, e, value=-1.0)
+
+
 @register("ldog", family="parameter-free",
           paper="Ivgi, Hinder & Carmon 2023, DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule",
           arxiv="2302.12022", reference="carmonlab/dog (LDoG), NumPy transcription in the test", state_words=1,
           example_kwargs={"lr": 1.0}, reread_words=2)  # x and g: the tensor's norms, then x <- x - eta g
-class LDoG(DoG):
+class LDoG(Optimizer):
     """LDoG, layer-wise DoG (Ivgi, Hinder & Carmon 2023, arXiv 2302.12022, section 4): the step size of
     :class:`DoG` computed for each tensor separately,
 
         rbar_0 = reps_rel (1 + ||x_0||);  rbar_t = max(rbar_{t-1}, ||x_t - x_0||);
         G_t = eps + sum_i ||g_i||^2;  x_{t+1} = x_t - lr rbar_t / sqrt(G_t) g_t     (norms of that tensor)
 
-    Same options, defaults and differences as :class:`DoG`. State: x0 (1 word); the per-tensor rbar, G
-    and eta are lists in the param group, in the order of ``group["params"]`` (None before a tensor's
-    first step).
+    Same options, defaults and differences as :class:`DoG`; a tensor's first step is its own first step.
+    Since nothing couples two tensors, a step is one pass over each tensor (its norms, then its update; one
+    fused kernel per tensor), with no host synchronisation. State: x0 (1 word), and ``rbar``, ``G`` and ``eta``
+    of the tensor as one-element tensors in the param's working dtype (float32 for 16-bit params; never the
+    16-bit ``state_dtype``: G is a growing sum).
     """
 
-    per_tensor = True
-    # Per-tensor step sizes as one-element tensors the descent kernel reads (rebuilt on demand, never saved).
-    _transient = ("_eta_slots",)
+    hyperparams = _HYPER
+    weight_decay_mode = "custom"
+    elementwise = False
+    whole_tensor_reductions = True
+    update = staticmethod(ldog_update)
 
-    @staticmethod
-    def descend_each(p, g, x0, eta, *, decay, l2):
-        """The second pass: x <- x - eta_i g (g with L2 decay), eta_i a one-element tensor per tensor."""
-        if l2:
-            g = mt.add(g, p, alpha=decay)
-        for x, y, e in zip(p, g, eta):
-            x.addcmul_(y, e if x.dim() else e.reshape(()), value=-1.0)
+    def __init__(self, params, lr=1.0, reps_rel=1e-6, weight_decay=0.0, eps=1e-8, init_eta=None, *, maximize=False,
+                 **engine):
+        defaults = dict(lr=lr, reps_rel=reps_rel, weight_decay=weight_decay, eps=eps, init_eta=init_eta,
+                        maximize=maximize)
+        super().__init__(params, defaults, **engine)
 
-    def _eta_slot(self, p, value):
-        """p's one-element step-size tensor (in p's working dtype), set to value."""
-        slots = self.__dict__.setdefault("_eta_slots", {})
+    def init_state(self, p, group):
         dtype = working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype
-        slot = slots.get(p)
-        if slot is None or slot.dtype != dtype or slot.device != p.device:  # new, or the model moved or was cast
-            slot = slots[p] = torch.zeros(1, dtype=dtype, device=p.device)
-        slot.fill_(value)
-        return slot
+        x0 = torch.empty_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format).copy_(p)
+        # Shape (1,), not 0-dim: torch.compile (2.13) drops in-place writes to 0-dim tensor inputs.
+        return {"x0": x0, **{k: torch.zeros(1, dtype=dtype, device=p.device) for k in ("rbar", "G", "eta")}}
 
-    def _group_step(self, group, parts):
-        n = len(group["params"])
-        for key in ("rbar", "G", "eta"):
-            if not isinstance(group.get(key), list) or len(group[key]) != n:
-                group[key] = [None] * n
-        index = {id(p): i for i, p in enumerate(group["params"])}
-        reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
-        lr, decay = self.lr(group), group["weight_decay"]
-        for part in parts:
-            first = [group["rbar"][index[id(p)]] is None for p in part.params]
-            sums = self._norms(group, part, any(first))
-            g_sq, r_sq, x0_sq = (torch.stack(sums[k]).double().tolist() for k in ("g_sq", "r_sq", "x0_sq"))
-            etas = []
-            for j, p in enumerate(part.params):
-                i = index[id(p)]
-                if first[j]:
-                    rbar, G = reps_rel * (1 + math.sqrt(x0_sq[j])), g_sq[j] + group["eps"]
-                else:
-                    rbar, G = max(group["rbar"][i], math.sqrt(r_sq[j])), group["G"][i] + g_sq[j]
-                eta = lr * rbar / math.sqrt(G) if G > 0 else 0.0
-                if first[j] and group["init_eta"] is not None:
-                    eta = group["init_eta"]
-                group["rbar"][i], group["G"][i], group["eta"][i] = rbar, G, eta
-                etas.append(eta)
-            slots = [self._eta_slot(p, eta) for p, eta in zip(part.params, etas)]
-            self.run_pass(part._replace(s={**part.s, "eta": slots}), type(self).descend_each, dict(decay=decay),
-                          elementwise=True, l2=decay != 0)
+    def scalars(self, group, step):
+        fixed = group["init_eta"] is not None
+        return dict(lr=self.lr(group), eps=group["eps"], reps_rel=0.0 if fixed else group["reps_rel"],
+                    decay=group["weight_decay"], first=1.0 if step == 1 else 0.0,
+                    init_eta=float(group["init_eta"]) if fixed else 0.0)
+
+    def static_options(self, group):
+        return {"l2": group["weight_decay"] != 0, "fixed_first_eta": group["init_eta"] is not None}
