@@ -193,11 +193,7 @@ def rdiv_(xs: TensorList, ys: TensorList) -> None:
 
 def sign_(xs: TensorList) -> None:
     """xs = sign(xs) elementwise."""
-    if compiling():
-        for x in xs:
-            x.sign_()
-    else:
-        torch._foreach_sign_(xs)
+    torch._foreach_sign_(xs)
 
 
 def sign(xs: TensorList) -> list[Tensor]:
