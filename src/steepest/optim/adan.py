@@ -11,7 +11,7 @@ from ..core.registry import register
 
 
 def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, beta1, beta2, beta3, scaled_eps,
-                has_prev, step_size, diff_ratio, decay, prox_div, prox=True):
+                has_prev, step_size, step_size_diff, decay, prox_div, prox=True):
     """One Adan step, in the order of the authors' ``_multi_tensor_adan``.
 
     d = (g - g_prev) * has_prev (zero on the first step); m <- b1 m + (1-b1) g; diff <- b2 diff + (1-b2) d;
@@ -31,9 +31,8 @@ def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, 
     mt.add_scalar_(denom, scaled_eps)
     if not prox:
         mt.mul_(params, decay)
-    # (a m + b diff) / denom as one quotient: one pass over p fewer than two addcdiv_
-    numer = mt.add(exp_avg, exp_avg_diff, diff_ratio)
-    mt.addcdiv_(params, numer, denom, -step_size)
+    mt.addcdiv_(params, exp_avg, denom, -step_size)
+    mt.addcdiv_(params, exp_avg_diff, denom, -step_size_diff)
     if prox:
         mt.div_(params, prox_div)
     mt.copy_(prev_grad, grads)
@@ -94,7 +93,7 @@ class Adan(Optimizer):
         return dict(beta1=beta1, beta2=beta2, beta3=beta3, scaled_eps=group["eps"] * bias_correction3_sqrt,
                     has_prev=0.0 if step == 1 else 1.0,
                     step_size=lr * bias_correction3_sqrt / (1.0 - beta1**step),
-                    diff_ratio=beta2 * (1.0 - beta1**step) / (1.0 - beta2**step),
+                    step_size_diff=lr * beta2 * bias_correction3_sqrt / (1.0 - beta2**step),
                     decay=1.0 - lr * wd, prox_div=1.0 + lr * wd)
 
     def static_options(self, group):
