@@ -566,32 +566,56 @@ def test_realized_values_are_kernel_outputs_and_leave_the_numbers_alone(monkeypa
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
 
 
-def test_cpu_isa_probe_builds_inductors_libraries_and_settles_its_answers(monkeypatch):
-    """The engine's ISA probe builds the very test libraries inductor's probe of the best ISA builds (that probe
-    then builds nothing), and the list of valid ISAs it settles equals the one inductor's own probing of every
-    ISA gives (fresh ISA objects probe afresh)."""
-    from torch._inductor import cpp_builder, cpu_vec_isa
+def _cpu_isa_modules():
+    from torch._inductor import config, cpp_builder, cpu_vec_isa
 
-    from steepest.core.base import _CpuIsaProbe, _start_cpu_isa_probe
+    if not cpu_vec_isa.x86_isa_checker():
+        pytest.skip("no x86 vector ISA on this machine")
+    return config, cpp_builder, cpu_vec_isa
 
-    probe = _CpuIsaProbe()
-    if probe.best is None:
-        pytest.skip("no x86 vector ISA to probe on this machine")
-    for future in probe.builds:
-        assert future.result() is True
+
+def test_cpu_isa_list_is_settled_from_the_cpus_report_without_builds(monkeypatch):
+    """The engine settles inductor's valid-ISA list from the CPU's report, building nothing, and the list equals
+    the one inductor's own probe (a test library built and loaded per ISA, fresh ISA objects) gives here."""
+    from steepest.core import base
+
+    config, cpp_builder, cpu_vec_isa = _cpu_isa_modules()
     builds = []
     build = cpp_builder.CppBuilder.build
     monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: (builds.append(self), build(self))[1])
-    assert bool(type(probe.best)()) is True
-    assert builds == []
-    monkeypatch.undo()
-
+    monkeypatch.setattr(base, "_cpu_isa_settled", False)
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    probe.settle()
+    base._settle_cpu_isa()
     settled = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-    own = [str(isa) for isa in (type(c)() for c in probe.candidates) if isa]
-    assert settled == own and settled[0] == str(probe.best)
-    assert _start_cpu_isa_probe() is _start_cpu_isa_probe()  # once per process
+    assert builds == [] and settled
+    monkeypatch.undo()
+    reported = cpu_vec_isa.x86_isa_checker()
+    candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                  if all(flag in reported for flag in str(isa).split())]
+    probed = [str(isa) for isa in (type(c)() for c in candidates) if isa]
+    assert settled == probed
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_cpu_isa_list_is_left_to_inductor_when_the_user_chose(monkeypatch, how):
+    """TORCHINDUCTOR_VEC_ISA_OK (inductor's option) or ATEN_CPU_CAPABILITY set by the user: the engine settles
+    nothing."""
+    from steepest.core import base
+
+    config, _, cpu_vec_isa = _cpu_isa_modules()
+    if how == "option":
+        monkeypatch.setattr(config.cpp, "vec_isa_ok", False)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(base, "_cpu_isa_settled", False)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    try:
+        base._settle_cpu_isa()
+        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
+    finally:
+        monkeypatch.undo()
+        base._cpu_isa_settled = False
+        base._settle_cpu_isa()
 
 
 def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():
@@ -611,27 +635,18 @@ def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_child_forked_during_a_compile_starts_without_its_lock_and_probes():
-    """A process forked while a kernel compiled (its lock taken) and ISA probes ran (futures that no thread of the
-    child will finish) must not inherit either: its own compile would wait forever."""
+def test_child_forked_during_a_compile_starts_without_its_lock():
+    """A process forked while a kernel compiled (its lock taken) must not inherit the lock: no thread of the child
+    would release it, and its own compile would wait forever."""
     import os
-    from concurrent.futures import Future
 
     from steepest.core import base
 
-    saved = base._cpu_isa_probe
-    pending = base._CpuIsaProbe.__new__(base._CpuIsaProbe)
-    pending.builds = [Future()]  # never finished
-    base._cpu_isa_probe = pending
-    try:
-        with base._COMPILE_LOCK:
-            pid = os.fork()
-            if pid == 0:
-                free = base._COMPILE_LOCK.acquire(timeout=5)
-                os._exit(0 if free and base._cpu_isa_probe is None else 1)
-            _, status = os.waitpid(pid, 0)
-    finally:
-        base._cpu_isa_probe = saved
+    with base._COMPILE_LOCK:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if base._COMPILE_LOCK.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
 

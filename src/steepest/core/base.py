@@ -22,8 +22,6 @@ params or states, and stochastic rounding on write-back.
 
 from __future__ import annotations
 
-import copy
-import importlib
 import logging
 import math
 import os
@@ -32,7 +30,6 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -193,95 +190,43 @@ class _NoArtifactWarning(logging.Filter):
 _no_artifact_warning = _NoArtifactWarning()
 
 
-class _CpuIsaProbe:
-    """Inductor's CPU vector-ISA probe, shortened: started once per process, settled before the first CPU kernel.
+_cpu_isa_settled = False
 
-    Before its first CPU kernel inductor probes every vector ISA the CPU reports (AVX-512 VNNI, AVX-512, AVX2 on
-    a recent x86), one after another: each builds test libraries with the ISA's flags (g++, ~1 s each, six
-    libraries on such a CPU) and loads them in a child process, ~7 s on a fresh machine, ~1 s per process once
-    built; it then compiles for the best ISA that passed. Here the best ISA's libraries are built side by side in
-    threads while the update is traced, inductor's own probe of that ISA then finds them built, and when it
-    passes, the ISAs below it are taken as passing too (a CPU and compiler that build and run the larger
-    instruction set handle its subsets) and inductor's list of valid ISAs is settled without building theirs.
-    If the best ISA fails, ATEN_CPU_CAPABILITY asks for a particular one, or torch's internals differ, inductor
-    probes as usual.
+
+def _settle_cpu_isa() -> None:
+    """Inductor's list of valid CPU vector ISAs, settled once per process from what the CPU reports, before the
+    first CPU kernel.
+
+    Inductor's own probe builds and loads test libraries for each ISA the CPU reports (AVX-512 VNNI, AVX-512,
+    AVX2 on a recent x86: g++ over the ATen vector headers, ~1 s a library, several per ISA) one after another
+    before its first CPU kernel: 2-7 s of a first step on a fresh machine. The CPU's report (torch.cpu's
+    cpuinfo-based checks, which include the operating system's support for the registers) is what inductor
+    itself trusts in Meta's builds, where it skips the probe; here the list is settled from it the same way
+    (``cpp.vec_isa_ok``) unless the user set that option (``TORCHINDUCTOR_VEC_ISA_OK``) or asked for an ISA
+    (``ATEN_CPU_CAPABILITY``). A compiler that cannot build for the chosen ISA fails the kernel's compile, which
+    the engine reports and answers by stepping eager. The list is process-wide: a ``torch.compile`` of the model
+    on the CPU uses it too.
     """
+    global _cpu_isa_settled
+    if _cpu_isa_settled:
+        return
+    _cpu_isa_settled = True
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        return
+    try:
+        from torch._inductor import config, cpu_vec_isa
 
-    def __init__(self) -> None:
-        self.best: Any = None
-        self.candidates: list[Any] = []
-        self.builds: list[Future] = []
-        self.settled = False
-        try:
-            from torch._inductor import cpu_vec_isa
-
-            reported = cpu_vec_isa.x86_isa_checker()
-            self.candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
-                               if reported and all(flag in reported for flag in str(isa).split())]
-            if not self.candidates or os.environ.get("ATEN_CPU_CAPABILITY"):
-                return
-            self.best = self.candidates[0]
-            jobs = self._libraries(cpu_vec_isa, self.best)
-        except (ImportError, AttributeError):
-            self.best = None
-            return
-        pool = ThreadPoolExecutor(len(jobs), thread_name_prefix="steepest-isa-probe")
-        self.builds = [pool.submit(self._build, self.best, *job) for job in jobs]
-        pool.shutdown(wait=False)
-
-    @staticmethod
-    def _libraries(cpu_vec_isa: types.ModuleType, isa: Any) -> list[tuple[str, str]]:
-        """(extra flags, code) of each test library inductor's probe of ``isa`` builds, in its order."""
-        jobs = [("", cpu_vec_isa.VecISA._avx_code)]
-        if isinstance(isa, cpu_vec_isa.VecAVX512) and torch.cpu._is_avx512_bf16_supported():
-            jobs.append((" -mavx512bf16", cpu_vec_isa.VecAVX512._avx512_bf16_code))
-        if isinstance(isa, cpu_vec_isa.VecAVX512VNNI) and torch.cpu._is_vnni_supported():
-            jobs.append(("", cpu_vec_isa.VecAVX512VNNI._avx512_vnni_code))
-        return jobs
-
-    @staticmethod
-    def _build(isa: Any, extra_flags: str, code: str) -> bool:
-        variant = copy.copy(isa)
-        variant._arch_flags = isa._arch_flags + extra_flags
-        return variant.check_build(code)
-
-    def settle(self) -> None:
-        """Wait for the builds and settle inductor's list of valid ISAs (see the class docstring); once: inductor's
-        probe of the best ISA loads its libraries in child processes each time it is asked."""
-        if self.settled:
-            return
-        self.settled = True
-        for future in self.builds:
-            future.exception()  # a build that failed is built again, or reported, by inductor's own probe
-        if self.best is None:
-            return
-        try:
-            from torch._inductor import config, cpu_vec_isa
-
-            if bool(self.best):
-                with config.patch({"cpp.vec_isa_ok": True}):
-                    cpu_vec_isa.valid_vec_isa_list()
-        except (ImportError, AttributeError):
-            pass
-
-
-_cpu_isa_probe: _CpuIsaProbe | None = None
-
-
-def _start_cpu_isa_probe() -> _CpuIsaProbe:
-    """The process's CPU ISA probe, started on first use."""
-    global _cpu_isa_probe
-    if _cpu_isa_probe is None:
-        _cpu_isa_probe = _CpuIsaProbe()
-    return _cpu_isa_probe
+        if config.cpp.vec_isa_ok is None:
+            with config.patch({"cpp.vec_isa_ok": True}):
+                cpu_vec_isa.valid_vec_isa_list()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _forget_threads_in_child() -> None:
-    # A child forked while a compile or a probe ran has neither thread: its lock would stay taken and its probes
-    # never finish. It starts afresh.
-    global _COMPILE_LOCK, _cpu_isa_probe
+    # A child forked while a compile ran has no compile thread: its lock would stay taken. It starts afresh.
+    global _COMPILE_LOCK
     _COMPILE_LOCK = threading.Lock()
-    _cpu_isa_probe = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -319,21 +264,17 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         return tuple(realized) + tuple(t for k in output_names for t in outputs[k])
 
     example = [*params, *grads, *(t for k in names for t in states[k]), *scalars.values(), wd]
-    isa_probe = _start_cpu_isa_probe() if params[0].device.type == "cpu" else None
+    if params[0].device.type == "cpu":
+        _settle_cpu_isa()
     standalone = getattr(torch._inductor, "standalone_compile", None)
     if standalone is None:
-        if isa_probe is not None:
-            isa_probe.settle()
         kernel = torch.compile(_fresh_code_copy(flat_update, update.__name__), dynamic=True, fullgraph=True)
         kernel(*example)
         kernel = _FlatKernel(kernel, False, tuple(output_names))
     else:
-        importlib.import_module("torch._inductor.compile_fx")  # ~1 s on a first compile, while the ISA probe builds
         with mt.tracing(realized):
             graph = make_fx(flat_update, tracing_mode="symbolic")(*example)
         _check_size_generic(graph, example)
-        if isa_probe is not None:
-            isa_probe.settle()
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
         # cost a third of the call.
