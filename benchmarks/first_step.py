@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ def child(method: str, numel: int, tensors: int, mode: str, limit_s: float) -> d
             break
     return {"first_s": times[0], "max_s": max(times), "steps_until_fused": fused_after,
             "until_fused_s": sum(times[:fused_after]) if fused_after else None,
-            "steady_ms": 1e3 * sorted(times[-5:])[2]}
+            "steady_ms": 1e3 * statistics.median(times[-5:])}
 
 
 def main(argv=None):
