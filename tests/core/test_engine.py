@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -583,11 +585,11 @@ def test_cpu_isa_list_is_settled_from_the_cpus_report_without_builds(monkeypatch
     builds = []
     build = cpp_builder.CppBuilder.build
     monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: (builds.append(self), build(self))[1])
-    monkeypatch.setattr(base, "_cpu_isa_settled", False)
+    monkeypatch.setattr(base, "_cpu_isa_settled", None)
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     base._settle_cpu_isa()
     settled = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-    assert builds == [] and settled
+    assert builds == [] and settled and base._cpu_isa_settled is True
     monkeypatch.undo()
     reported = cpu_vec_isa.x86_isa_checker()
     candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
@@ -603,19 +605,52 @@ def test_cpu_isa_list_is_left_to_inductor_when_the_user_chose(monkeypatch, how):
     from steepest.core import base
 
     config, _, cpu_vec_isa = _cpu_isa_modules()
-    if how == "option":
-        monkeypatch.setattr(config.cpp, "vec_isa_ok", False)
-    else:
+    if how == "env":
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    monkeypatch.setattr(base, "_cpu_isa_settled", False)
+    monkeypatch.setattr(base, "_cpu_isa_settled", None)
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
     try:
-        base._settle_cpu_isa()
-        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
+        # config.patch, not monkeypatch: undoing a monkeypatch of an inductor option deletes the option.
+        with config.patch({"cpp.vec_isa_ok": False} if how == "option" else {}):
+            base._settle_cpu_isa()
+        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0 and base._cpu_isa_settled is False
     finally:
         monkeypatch.undo()
-        base._cpu_isa_settled = False
+        base._cpu_isa_settled = None
         base._settle_cpu_isa()
+
+
+def test_kernel_that_fails_to_compile_for_the_settled_isa_is_compiled_again_after_inductors_probe(monkeypatch):
+    """A compile that fails while the ISA list is the one settled from the CPU's report hands the list back to
+    inductor's probe and compiles once more: the step runs fused, with the eager path's numbers."""
+    from steepest.core import base
+
+    _, _, cpu_vec_isa = _cpu_isa_modules()
+    monkeypatch.setattr(base, "_cpu_isa_settled", None)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    compile_ = torch._inductor.standalone_compile
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(cpu_vec_isa.valid_vec_isa_list.cache_info().currsize)
+        if len(calls) == 1:
+            raise RuntimeError("g++: error: unrecognized command-line option")
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", failing_once)
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(64, 33)) for _ in range(2)]
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    _train(ref, steepest.AdamW(ref, lr=0.05, compile=False), 2)
+    opt = steepest.AdamW(params, lr=0.05, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(params, opt, 2)
+    assert not [str(w.message) for w in caught if "eager path" in str(w.message)]  # the second compile succeeded
+    assert len(calls) == 2 and base._cpu_isa_settled is False
+    assert opt._kernels and all(k is not None for k in opt._kernels.values())
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_norms_and_squared_norms_match_float64_and_keep_nonfinite_values():

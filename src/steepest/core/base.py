@@ -190,7 +190,8 @@ class _NoArtifactWarning(logging.Filter):
 _no_artifact_warning = _NoArtifactWarning()
 
 
-_cpu_isa_settled = False
+# None: not settled yet; True: settled from the CPU's report; False: left to inductor's probe.
+_cpu_isa_settled: bool | None = None
 
 
 def _settle_cpu_isa() -> None:
@@ -204,23 +205,37 @@ def _settle_cpu_isa() -> None:
     itself trusts in Meta's builds, where it skips the probe; here the list is settled from it the same way
     (``cpp.vec_isa_ok``) unless the user set that option (``TORCHINDUCTOR_VEC_ISA_OK``) or asked for an ISA
     (``ATEN_CPU_CAPABILITY``). A compiler that cannot build for the chosen ISA fails the kernel's compile, which
-    the engine reports and answers by stepping eager. The list is process-wide: a ``torch.compile`` of the model
-    on the CPU uses it too.
+    the engine answers by handing the list back to inductor's probe (:func:`_probe_cpu_isa`) and compiling once
+    more. The list is process-wide: a ``torch.compile`` of the model on the CPU uses it too.
     """
     global _cpu_isa_settled
-    if _cpu_isa_settled:
+    if _cpu_isa_settled is not None:
         return
-    _cpu_isa_settled = True
+    _cpu_isa_settled = False
     if os.environ.get("ATEN_CPU_CAPABILITY"):
         return
     try:
         from torch._inductor import config, cpu_vec_isa
 
-        if config.cpp.vec_isa_ok is None:
+        if config.cpp.vec_isa_ok is None and cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0:
             with config.patch({"cpp.vec_isa_ok": True}):
                 cpu_vec_isa.valid_vec_isa_list()
+            _cpu_isa_settled = True
     except (ImportError, AttributeError):
         pass
+
+
+def _probe_cpu_isa() -> bool:
+    """Hand the valid-ISA list back to inductor's own probe if :func:`_settle_cpu_isa` settled it (a kernel built
+    for it failed to compile); True if it did, so that the caller compiles once more."""
+    global _cpu_isa_settled
+    if not _cpu_isa_settled:
+        return False
+    _cpu_isa_settled = False
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    return True
 
 
 def _forget_threads_in_child() -> None:
@@ -278,8 +293,13 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
         # cost a third of the call.
-        kernel = standalone(graph, example, dynamic_shapes="from_graph",
-                            options={"config_patches": {"size_asserts": False}})
+        patches = {"config_patches": {"size_asserts": False}}
+        try:
+            kernel = standalone(graph, example, dynamic_shapes="from_graph", options=patches)
+        except Exception:
+            if not _probe_cpu_isa():
+                raise
+            kernel = standalone(graph, example, dynamic_shapes="from_graph", options=patches)
         _flat_kernels_compiled += 1
         shaped = probe and not options["stochastic"] and _reads_sizes_from_params(kernel, example, count)
         return _FlatKernel(kernel, shaped, tuple(output_names))
