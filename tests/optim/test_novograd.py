@@ -107,3 +107,22 @@ def test_reaches_target_on_logistic_regression():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def test_layer_second_moment_stays_in_the_working_dtype_under_bfloat16_states():
+    """state_dtype=bfloat16 stores the momentum in bfloat16; the one number per tensor v stays float32 (its rounding
+    would scale the whole tensor's step), and the step follows the float32-state run closely."""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opts = [steepest.NovoGrad(ref, lr=1e-2), steepest.NovoGrad(params, lr=1e-2, state_dtype=torch.bfloat16)]
+    for t in range(5):
+        for a, b in zip(ref, params):
+            a.grad = torch.cos(a.detach() * (t + 2))
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    state = opts[1].state[params[0]]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)

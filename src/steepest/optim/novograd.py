@@ -7,6 +7,7 @@ import torch
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
+from ..core.precision import working_dtype
 from ..core.registry import register
 
 
@@ -49,7 +50,8 @@ class NovoGrad(Optimizer):
     OpenSeq2Seq ``NovoGrad2`` the paper's experiments ran; the paper writes no eps on the first step (a
     1e-8 shift of v_1, kept here for one formula). Defaults (OpenSeq2Seq's): lr 1e-3, betas
     (0.95, 0.98), eps 1e-8, weight_decay 0, grad_averaging False. State: exp_avg (1 word) and
-    exp_avg_sq, one number per tensor (a shape-(1,) tensor).
+    exp_avg_sq, one number per tensor (a shape-(1,) tensor in the param's working dtype: float32 for 16-bit params,
+    whatever ``state_dtype`` says).
 
     Differences from NVIDIA's code: OpenSeq2Seq and NeMo start v from ||g||^2 whenever the stored v is
     exactly 0 (so a layer whose first gradients are zero starts later); here v_1 = ||g_1||^2 on the first
@@ -71,9 +73,9 @@ class NovoGrad(Optimizer):
         super().__init__(params, defaults, **engine)
 
     def init_state(self, p, group):
-        dtype = self.state_dtype_for(p)
-        if dtype.is_complex:
-            dtype = torch.empty((), dtype=dtype).real.dtype
+        # The param's working dtype, not a 16-bit state_dtype: one number per tensor costs no memory, and its
+        # rounding would scale every step of the tensor.
+        dtype = working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype
         # Shape (1,), not 0-dim: torch.compile (2.13) drops in-place writes to 0-dim tensor inputs.
         return {"exp_avg": self.zeros_state(p), "exp_avg_sq": torch.zeros(1, dtype=dtype, device=p.device)}
 
