@@ -385,7 +385,7 @@ class Optimizer(torch.optim.Optimizer):
             2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
             ``False`` never does. ``"background"`` fuses as ``True`` but compiles each kernel in a
             background thread (on stand-in tensors) while the steps run eager, switching once it is
-            ready: no compile stall (seconds, ~5-6 s on a fresh machine), at the price of eager-speed
+            ready: no compile stall (seconds, 4-5 s on a fresh 2-core machine), at the price of eager-speed
             first steps and a switch point that depends on timing (eager and fused agree to rounding,
             not bit for bit). Tracing is not thread-safe in torch: a ``torch.compile`` of the model that
             traces while the thread does can fail (this optimizer then warns and stays eager).
