@@ -185,8 +185,8 @@ def test_ldog_tensor_joining_later_starts_its_own_recursion(compile):
 
 
 def test_ldog_keeps_its_sums_in_float32_under_bfloat16_states():
-    """state_dtype=bfloat16 stores x0 in bfloat16, but G (a growing sum: bfloat16 would stop adding a small
-    ||g||^2 to it) stays float32."""
+    """Under state_dtype=bfloat16, G (a growing sum: bfloat16 would stop adding a small ||g||^2 to it), rbar and
+    eta stay float32."""
     params = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
     opt = LDoG(params, state_dtype=torch.bfloat16)
     for _ in range(3):
@@ -194,5 +194,25 @@ def test_ldog_keeps_its_sums_in_float32_under_bfloat16_states():
             p.grad = torch.randn_like(p)
         opt.step()
     state = opt.state[params[0]]
-    assert state["x0"].dtype == torch.bfloat16
     assert state["G"].dtype == state["rbar"].dtype == state["eta"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_initial_point_is_kept_exact_under_bfloat16_states(cls):
+    """state_dtype=bfloat16 does not round x0: a rounded x0 would make the first distance ||x_1 - x_0|| its rounding
+    error (~2**-9 ||x0||, far above reps_rel (1 + ||x0||)). x0 is DoG's only param-sized state, so the run equals
+    the float32-state one exactly."""
+    ref = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    start = [p.detach().clone() for p in params]
+    opts = [cls(ref), cls(params, state_dtype=torch.bfloat16)]
+    for t in range(5):
+        for a, b in zip(ref, params):
+            a.grad = torch.cos(a.detach() * (t + 2))
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    for p, x0 in zip(params, start):
+        assert opts[1].state[p]["x0"].dtype == torch.float32 and torch.equal(opts[1].state[p]["x0"], x0)
+    for a, b in zip(params, ref):
+        assert torch.equal(a, b)

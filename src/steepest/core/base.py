@@ -419,6 +419,8 @@ class Optimizer(torch.optim.Optimizer):
     # they always run the eager path, whatever ``compile`` says. So do updates that neither flatten nor take
     # matrix views: the fused path compiles one kernel for every shape, which needs one of those layouts.
     fusable: ClassVar[bool] = True
+    # States made by copy_state (initial points): kept at the param's working precision whatever state_dtype says.
+    exact_states: ClassVar[tuple[str, ...]] = ()
     needs_closure: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
 
@@ -527,6 +529,13 @@ class Optimizer(torch.optim.Optimizer):
     def zeros_state(self, p: Tensor) -> Tensor:
         """A zero buffer shaped like p in the state dtype."""
         return torch.zeros_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format)
+
+    def copy_state(self, p: Tensor) -> Tensor:
+        """A copy of p at its working precision, whatever ``state_dtype`` says: an initial point kept for distances
+        (DoG's x0, Prodigy's p0). A bfloat16 copy would put its rounding error, ~2**-9 of ||p||, into every
+        distance from it: DoG's first distance ||x_1 - x_0|| would be ~1000x its reps_rel start."""
+        dtype = working_dtype(p.dtype) if p.is_floating_point() else p.dtype
+        return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p)
 
     def state_dtype_for(self, p: Tensor) -> torch.dtype:
         """The dtype state buffers of parameter p are stored in."""

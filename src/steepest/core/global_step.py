@@ -219,10 +219,6 @@ class GlobalStepOptimizer(Optimizer):
             for p in b.params:
                 self.state[p]["step"] += 1
 
-    def copy_state(self, p: Tensor) -> Tensor:
-        """A copy of p in the state dtype (an initial point kept for distances)."""
-        return torch.empty_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format).copy_(p)
-
     def global_step(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         raise NotImplementedError
 

@@ -174,7 +174,8 @@ class DAdaptSGD(GlobalStepOptimizer):
         z = x0 - s;   p <- (1 - ck) p + ck z   with ck = 1 - momentum
 
     ``lr`` multiplies the adapted step (leave it at 1). Defaults: lr 1, momentum 0, weight_decay 0,
-    d0 1e-6, growth_rate inf. State: s and x0 (2 words); d, k, N and g0_norm live in every param group.
+    d0 1e-6, growth_rate inf. State: s and x0 (2 words; x0 at the param's working precision whatever ``state_dtype``
+    says); d, k, N and g0_norm live in every param group.
 
     After the first counted step the update of s and the average are one pass over memory (the average
     uses s, not this step's d): the package's numbers, except in a step where every entry of s cancels to
@@ -197,6 +198,8 @@ class DAdaptSGD(GlobalStepOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
                         maximize=maximize)
         super().__init__(params, defaults, **engine)
+
+    exact_states = ("x0",)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "x0": self.copy_state(p)}

@@ -41,7 +41,9 @@ class DoG(GlobalStepOptimizer):
     where g includes L2 weight decay (g <- g + wd x). ``init_eta`` sets the first step size instead of
     ``reps_rel`` (then rbar_0 = 0). Defaults (the authors'): lr 1 (the paper's c; leave it), reps_rel
     1e-6 (1e-4 for models with batch normalization, the authors advise), weight_decay 0, eps 1e-8,
-    init_eta None. State: x0 (1 word); rbar, G and eta live in the param group (``group["eta"]``).
+    init_eta None. State: x0 (1 word, at the param's working precision whatever ``state_dtype`` says: distances
+    from a bfloat16 copy would start at its rounding error); rbar, G and eta live in the param group
+    (``group["eta"]``).
 
     Differences from the authors' code: the norms run over the params that have a gradient (the
     authors' code requires every param of the group to have one); a group's first step is its own first
@@ -52,6 +54,7 @@ class DoG(GlobalStepOptimizer):
     """
 
     hyperparams = _HYPER
+    exact_states = ("x0",)
 
     def __init__(self, params, lr=1.0, reps_rel=1e-6, weight_decay=0.0, eps=1e-8, init_eta=None, *, maximize=False,
                  **engine):
@@ -178,6 +181,7 @@ class LDoG(Optimizer):
     """
 
     hyperparams = _HYPER
+    exact_states = ("x0",)
     weight_decay_mode = "custom"
     elementwise = False
     whole_tensor_reductions = True
@@ -191,9 +195,9 @@ class LDoG(Optimizer):
 
     def init_state(self, p, group):
         dtype = working_dtype(p.dtype) if p.is_floating_point() else p.real.dtype
-        x0 = torch.empty_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format).copy_(p)
         # Shape (1,), not 0-dim: torch.compile (2.13) drops in-place writes to 0-dim tensor inputs.
-        return {"x0": x0, **{k: torch.zeros(1, dtype=dtype, device=p.device) for k in ("rbar", "G", "eta")}}
+        sums = {k: torch.zeros(1, dtype=dtype, device=p.device) for k in ("rbar", "G", "eta")}
+        return {"x0": self.copy_state(p), **sums}
 
     def scalars(self, group, step):
         fixed = group["init_eta"] is not None

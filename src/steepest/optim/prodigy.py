@@ -46,7 +46,8 @@ class Prodigy(GlobalStepOptimizer):
     ``lr`` multiplies the adapted step (leave it at 1). Defaults (the package's): lr 1,
     betas (0.9, 0.999), beta3 None, eps 1e-8, weight_decay 0, decouple True, use_bias_correction False,
     safeguard_warmup False, d0 1e-6, d_coef 1, growth_rate inf. State: s, p0, exp_avg, exp_avg_sq
-    (4 words; 3 with b1 = 0); d, d_max, d_hat, d_numerator, d_denom and k live in every param group
+    (4 words; 3 with b1 = 0; p0 at the param's working precision whatever ``state_dtype`` says); d, d_max, d_hat,
+    d_numerator, d_denom and k live in every param group
     (``group["d"]`` is the current D estimate).
 
     Differences from the package: no ``slice_p`` (statistics over every entry, the package's default);
@@ -71,6 +72,8 @@ class Prodigy(GlobalStepOptimizer):
                         safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
                         maximize=maximize)
         super().__init__(params, defaults, **engine)
+
+    exact_states = ("p0",)
 
     def init_state(self, p, group):
         state = {"s": self.zeros_state(p), "p0": self.copy_state(p)}
