@@ -9,6 +9,8 @@ import torch
 
 from steepest.optim.dog import DoG, LDoG
 
+from .trajectory import step_alike
+
 SHAPES = [(6, 5), (7,), (1,), (3, 2, 2)]
 STEPS = 30
 
@@ -206,12 +208,7 @@ def test_initial_point_is_kept_exact_under_bfloat16_states(cls):
     params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     start = [p.detach().clone() for p in params]
     opts = [cls(ref), cls(params, state_dtype=torch.bfloat16)]
-    for t in range(5):
-        for a, b in zip(ref, params):
-            a.grad = torch.cos(a.detach() * (t + 2))
-            b.grad = a.grad.clone()
-        for opt in opts:
-            opt.step()
+    step_alike(ref, params, opts, 5)
     for p, x0 in zip(params, start):
         assert opts[1].state[p]["x0"].dtype == torch.float32 and torch.equal(opts[1].state[p]["x0"], x0)
     for a, b in zip(params, ref):

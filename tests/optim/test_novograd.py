@@ -8,6 +8,8 @@ import torch
 
 import steepest
 
+from .trajectory import step_alike
+
 SHAPES = [(5, 4), (7,), (1,), (3, 2, 2)]
 
 
@@ -116,12 +118,7 @@ def test_layer_second_moment_stays_in_the_working_dtype_under_bfloat16_states():
     ref = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
     params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opts = [steepest.NovoGrad(ref, lr=1e-2), steepest.NovoGrad(params, lr=1e-2, state_dtype=torch.bfloat16)]
-    for t in range(5):
-        for a, b in zip(ref, params):
-            a.grad = torch.cos(a.detach() * (t + 2))
-            b.grad = a.grad.clone()
-        for opt in opts:
-            opt.step()
+    step_alike(ref, params, opts, 5)
     state = opts[1].state[params[0]]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
     for a, b in zip(params, ref):

@@ -66,3 +66,14 @@ def set_smooth_grads(params, t):
     for i, p in enumerate(params):
         scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
         p.grad = (2 * scale * (p.detach() - 0.3) + 0.3 * torch.cos(3 * p.detach() + 0.1 * t)).clone()
+
+
+def step_alike(ref, params, opts, steps):
+    """Step ``opts`` (over ``ref`` and ``params``, equal copies) ``steps`` times with the same gradients,
+    cos(x (t + 2)) of ref's values."""
+    for t in range(steps):
+        for a, b in zip(ref, params):
+            a.grad = torch.cos(a.detach() * (t + 2))
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
