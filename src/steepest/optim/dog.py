@@ -133,20 +133,20 @@ def ldog_update(params, grads, x0, rbar, G, eta, *, lr, eps, reps_rel, decay, fi
     if l2:
         grads = mt.add(grads, params, alpha=decay)
     g_sq = torch.stack(mt.squared_norms(grads))
-    dist = torch.stack(mt.norms(mt.sub(params, x0)))
     rbar_all, G_all = torch.cat(list(rbar)), torch.cat(list(G))
     # Compiled, ||x0|| comes from the loop that reads x0 anyway and ``first`` is a tensor (one kernel for every
-    # step); eager, ||x0|| is a pass of its own, taken at a first step only.
+    # step); eager, a first step takes ||x0|| and a later one ||x - x0||, not both.
     if mt.compiling():
         is_first = first > 0
         x0_norm = torch.stack(mt.norms(x0))
+        dist = torch.stack(mt.norms(mt.sub(params, x0)))
         rbar_all = torch.where(is_first, reps_rel * (1.0 + x0_norm), torch.maximum(rbar_all, dist))
         G_all = torch.where(is_first, torch.zeros_like(G_all) + eps, G_all) + g_sq
     elif first:
         rbar_all = reps_rel * (1.0 + torch.stack(mt.norms(x0)))
         G_all = g_sq + eps
     else:
-        rbar_all = torch.maximum(rbar_all, dist)
+        rbar_all = torch.maximum(rbar_all, torch.stack(mt.norms(mt.sub(params, x0))))
         G_all = G_all + g_sq
     positive = G_all > 0
     eta_all = torch.where(positive, lr * rbar_all / torch.where(positive, G_all, 1.0).sqrt(), 0.0)

@@ -8,6 +8,7 @@ from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
 from ..core.registry import register
+from .adam import adam_scalars
 
 
 def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, scaled_eps, step_size):
@@ -74,6 +75,7 @@ class Grams(Optimizer):
         bc1, bc2_sqrt = 1.0, 1.0
         if group["correct_bias"]:
             bc1, bc2_sqrt = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
-        # paper: lr/bc1 |m| / (sqrt(v)/sqrt(bc2) + eps) = lr sqrt(bc2)/bc1 |m| / (sqrt(v) + eps sqrt(bc2))
-        scaled_eps = group["eps"] * bc2_sqrt if group["eps_mode"] == "paper" else group["eps"]
-        return dict(beta1=beta1, beta2=beta2, scaled_eps=scaled_eps, step_size=lr * bc2_sqrt / bc1)
+        scalars = adam_scalars(lr, group["eps"], bc1, bc2_sqrt)
+        if group["eps_mode"] == "reference":  # the authors' code adds eps after the bias correction
+            scalars["scaled_eps"] = group["eps"]
+        return dict(beta1=beta1, beta2=beta2, **scalars)
