@@ -713,3 +713,41 @@ def test_background_compile_pending_at_fork_is_dropped_in_the_child(monkeypatch)
     _, status = os.waitpid(pid, 0)
     release.set()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("name", ["dadapt_adam", "dadapt_sgd"])
+def test_dadapt_pass_reduces_old_and_new_state_in_its_update_loop(name):
+    """D-Adaptation's pass takes a dot product over the state before its update and a norm of the state after;
+    mt.one_loop ties both into the loop that updates the state, so the compiled kernel is a single loop over
+    memory (without it, inductor gives the dot a loop of its own that reads g and s, and Adam's v, again).
+    Counted in the C++ inductor generates; the conformance battery checks the numbers against eager."""
+    import logging
+
+    from torch._inductor import config
+
+    sources: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            sources.append(record.getMessage())
+
+    handler = Capture()
+    logger = logging.getLogger("torch._inductor")
+    torch._logging.set_logs(output_code=True)
+    logger.addHandler(handler)
+    try:
+        with config.patch({"fx_graph_cache": False}):
+            params = [torch.nn.Parameter(torch.randn(300, 1000)) for _ in range(2)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = registry.get(name).cls(params, compile=True, weight_decay=0.1)
+            opt.step()
+            opt.step()
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+    kernels = [s for s in sources if "extern \"C\"" in s]
+    if not kernels:
+        pytest.skip("inductor's generated C++ was not logged")
+    loops = sum(s.count("for(int64_t x0=") for s in kernels)
+    assert loops == 1, f"{name}: {loops} param-sized loops in its compiled pass"

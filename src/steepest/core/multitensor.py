@@ -61,6 +61,28 @@ def realize(x: Scalar) -> Scalar:
     return x
 
 
+def one_loop(*values: TensorList) -> None:
+    """Tie a pass's reductions into the loop that updates the state, in the engine's compiled kernel.
+
+    Pass, slot by slot, the value each reduction reads: e.g. D-Adaptation's s / (sqrt(v) + eps) taken before
+    the update of s and v (for its dot product) and the updated s (for its norm). Inductor reduces in the
+    update's loop only reductions it has first fused with one another, and it fuses two reductions only
+    when they share a read; a reduction that reads a state the pass then overwrites gets a loop of its own,
+    which reads that state a second time. A discarded max over the values' sum shares a read with each of
+    the reductions and makes each value computed once (a value read twice is realized), so all of them run
+    in the update's loop: the pass moves each word once (one max and one add per element more). Eager, and
+    inside a caller's ``torch.compile``, it does nothing.
+    """
+    returned = getattr(_trace_state, "realized", None)
+    if returned is None:
+        return
+    for slot in zip(*values):
+        tie = slot[0]
+        for x in slot[1:]:
+            tie = tie + x
+        returned.append(tie.amax())
+
+
 def _is_tensor(s: object) -> bool:
     return isinstance(s, Tensor)
 
@@ -171,6 +193,14 @@ def maximum_(xs: TensorList, ys: TensorList) -> None:
 def sqrt(xs: TensorList) -> list[Tensor]:
     """Elementwise square root, a new list."""
     return list(torch._foreach_sqrt(xs))
+
+
+def sqrt_into(out: TensorList, xs: TensorList) -> list[Tensor]:
+    """Elementwise square root written over ``out`` (a temporary of a previous pass reused: a new list of
+    param-sized tensors costs page faults where the allocator has handed the last one back), returned."""
+    for o, x in zip(out, xs):
+        torch.sqrt(x, out=o)
+    return list(out)
 
 
 def sqrt_(xs: TensorList) -> None:

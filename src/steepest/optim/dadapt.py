@@ -70,7 +70,7 @@ class DAdaptAdam(GlobalStepOptimizer):
     @staticmethod
     def moments(p, g, s, exp_avg, exp_avg_sq, *, beta1, beta2, sqrt_beta2, m_coef, s_coef, decay, eps, l2):
         """The first pass: <g, s / (sqrt(v) + eps)> with v and s before the step, then m, v and s updated, and
-        ||s||_1 after."""
+        ||s||_1 after; returned with the param-sized temporary it used."""
         if l2:
             g = mt.add(g, p, alpha=decay)
         denom = mt.sqrt(exp_avg_sq)
@@ -83,13 +83,14 @@ class DAdaptAdam(GlobalStepOptimizer):
         mt.addcmul_(exp_avg_sq, g, g, 1 - beta2)
         mt.mul_(s, sqrt_beta2)
         mt.add_(s, g, s_coef)
-        return {"dot": dots, "l1": mt.l1_norms(s)}
+        mt.one_loop(denom, s)
+        return {"dot": dots, "l1": mt.l1_norms(s)}, denom
 
     @staticmethod
-    def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, step_coef, eps, decoupled):
+    def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, step_coef, eps, decoupled, scratch=None):
         """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p - m / (sqrt(v) + eps) (step_coef -1; 0
-        leaves finite p unchanged)."""
-        denom = mt.sqrt(exp_avg_sq)
+        leaves finite p unchanged). Eager, sqrt(v) + eps is written over ``scratch`` if given."""
+        denom = mt.sqrt(exp_avg_sq) if scratch is None else mt.sqrt_into(scratch, exp_avg_sq)
         mt.add_scalar_(denom, eps)
         if decoupled:
             mt.add_(p, p, decay_coef)
@@ -100,10 +101,11 @@ class DAdaptAdam(GlobalStepOptimizer):
                         decay_coef, step_coef, l2, decoupled):
         """Both passes in one: the descent uses dlr and the moments just updated, not this step's new d. With
         decay_coef and step_coef 0 (a step that may yet be skipped) it is the first pass alone."""
-        sums = DAdaptAdam.moments(p, g, s, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, sqrt_beta2=sqrt_beta2,
-                                  m_coef=m_coef, s_coef=s_coef, decay=decay, eps=eps, l2=l2)
+        sums, temporary = DAdaptAdam.moments(p, g, s, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                                             sqrt_beta2=sqrt_beta2, m_coef=m_coef, s_coef=s_coef, decay=decay,
+                                             eps=eps, l2=l2)
         DAdaptAdam.descend(p, g, s, exp_avg, exp_avg_sq, decay_coef=decay_coef, step_coef=step_coef, eps=eps,
-                           decoupled=decoupled)
+                           decoupled=decoupled, scratch=None if mt.compiling() else temporary)
         return sums
 
     def global_step(self, work):
@@ -214,8 +216,14 @@ class DAdaptSGD(GlobalStepOptimizer):
         """The first pass: <g, s> with s before the step, then s += dlr g, and ||s||^2 after."""
         if l2:
             g = mt.add(g, p, alpha=decay)
-        dots = mt.dots(g, s)
+        if mt.compiling():
+            products = mt.mul(g, s)
+            dots = [w.sum() for w in products]
+        else:
+            dots = mt.dots(g, s)
         mt.add_(s, g, dlr)
+        if mt.compiling():
+            mt.one_loop(products, s)
         return {"dot": dots, "sq": mt.squared_norms(s)}
 
     @staticmethod
