@@ -128,8 +128,12 @@ def add_(xs: TensorList, ys: TensorList, alpha: Scalar = 1.0) -> None:
         torch._foreach_add_(xs, ys, alpha=alpha)
 
 
-def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1.0) -> list[Tensor]:
-    """xs + alpha * ys, a new list."""
+def add(xs: TensorList, ys: TensorList, alpha: Scalar = 1.0, out: TensorList | None = None) -> list[Tensor]:
+    """xs + alpha * ys, a new list (eager, written over ``out`` if given: see :func:`sqrt`)."""
+    if out is not None and not compiling():
+        for o, x, y in zip(out, xs, ys):
+            torch.add(x, y, alpha=alpha, out=o)
+        return list(out)
     if _is_tensor(alpha):
         return [x + y * alpha for x, y in zip(xs, ys)]
     return list(torch._foreach_add(xs, ys, alpha=alpha))
@@ -190,17 +194,18 @@ def maximum_(xs: TensorList, ys: TensorList) -> None:
     torch._foreach_maximum_(xs, ys)
 
 
-def sqrt(xs: TensorList) -> list[Tensor]:
-    """Elementwise square root, a new list."""
+def sqrt(xs: TensorList, out: TensorList | None = None) -> list[Tensor]:
+    """Elementwise square root, a new list.
+
+    Eager, ``out`` (a param-sized temporary the caller no longer needs, one of the inputs included) takes the
+    result instead: a new list of param-sized tensors costs page faults wherever the allocator has handed the
+    previous one back to the system, as glibc does with the top of its heap. Compiled, ``out`` is ignored
+    (the kernel allocates nothing)."""
+    if out is not None and not compiling():
+        for o, x in zip(out, xs):
+            torch.sqrt(x, out=o)
+        return list(out)
     return list(torch._foreach_sqrt(xs))
-
-
-def sqrt_into(out: TensorList, xs: TensorList) -> list[Tensor]:
-    """Elementwise square root written over ``out`` (a temporary of a previous pass reused: a new list of
-    param-sized tensors costs page faults where the allocator has handed the last one back), returned."""
-    for o, x in zip(out, xs):
-        torch.sqrt(x, out=o)
-    return list(out)
 
 
 def sqrt_(xs: TensorList) -> None:

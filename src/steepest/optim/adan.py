@@ -24,10 +24,11 @@ def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, 
         mt.mul_(diff, has_prev)
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.lerp_(exp_avg_diff, diff, 1.0 - beta2)
-    nesterov_grad = mt.add(grads, diff, beta2)  # g + b2 (g - g_prev)
+    # Eager, each temporary is written over the one before it: one new list a step.
+    nesterov_grad = mt.add(grads, diff, beta2, out=diff)  # g + b2 (g - g_prev)
     mt.mul_(exp_avg_sq, beta3)
     mt.addcmul_(exp_avg_sq, nesterov_grad, nesterov_grad, 1.0 - beta3)
-    denom = mt.sqrt(exp_avg_sq)
+    denom = mt.sqrt(exp_avg_sq, out=nesterov_grad)
     mt.add_scalar_(denom, scaled_eps)
     if not prox:
         mt.mul_(params, decay)

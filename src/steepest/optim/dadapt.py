@@ -90,7 +90,7 @@ class DAdaptAdam(GlobalStepOptimizer):
     def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, step_coef, eps, decoupled, scratch=None):
         """The second pass: p <- p (1 - wd dlr) [decoupled], then p <- p - m / (sqrt(v) + eps) (step_coef -1; 0
         leaves finite p unchanged). Eager, sqrt(v) + eps is written over ``scratch`` if given."""
-        denom = mt.sqrt(exp_avg_sq) if scratch is None else mt.sqrt_into(scratch, exp_avg_sq)
+        denom = mt.sqrt(exp_avg_sq, out=scratch)
         mt.add_scalar_(denom, eps)
         if decoupled:
             mt.add_(p, p, decay_coef)
@@ -105,7 +105,7 @@ class DAdaptAdam(GlobalStepOptimizer):
                                              sqrt_beta2=sqrt_beta2, m_coef=m_coef, s_coef=s_coef, decay=decay,
                                              eps=eps, l2=l2)
         DAdaptAdam.descend(p, g, s, exp_avg, exp_avg_sq, decay_coef=decay_coef, step_coef=step_coef, eps=eps,
-                           decoupled=decoupled, scratch=None if mt.compiling() else temporary)
+                           decoupled=decoupled, scratch=temporary)
         return sums
 
     def global_step(self, work):

@@ -18,11 +18,13 @@ def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, scaled_eps
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-    denom = mt.sqrt(exp_avg_sq)
-    mt.add_scalar_(denom, scaled_eps)
-    direction = mt.abs(exp_avg)
-    mt.mul_(direction, mt.sign(grads))
-    mt.addcdiv_(params, direction, denom, -step_size)
+    # |m| / denom = |m / denom| (denom > 0), so the step length takes the denominator's buffer: one new list
+    # (sign(g)) a step instead of two.
+    length = mt.sqrt(exp_avg_sq)
+    mt.add_scalar_(length, scaled_eps)
+    mt.rdiv_(length, exp_avg)
+    mt.abs_(length)
+    mt.addcmul_(params, mt.sign(grads), length, -step_size)
 
 
 @register("grams", family="first-order",
