@@ -751,3 +751,26 @@ def test_dadapt_pass_reduces_old_and_new_state_in_its_update_loop(name):
         pytest.skip("inductor's generated C++ was not logged")
     loops = sum(s.count("for(int64_t x0=") for s in kernels)
     assert loops == 1, f"{name}: {loops} param-sized loops in its compiled pass"
+
+
+def test_sqrt_and_add_write_over_a_dead_temporary_eager_only():
+    """mt.sqrt / mt.add with out=: eager, the result lands in out (which may be one of the inputs) and equals
+    the fresh-list result bit for bit; traced for a kernel, out is left alone and a new value comes back."""
+    from steepest.core import multitensor as mt
+
+    xs = [torch.rand(5, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)]
+    ys = [torch.randn(5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
+    fresh_sum, fresh_root = mt.add(xs, ys, 0.3), mt.sqrt(xs)
+    temp = [y.clone() for y in ys]
+    buffers = [t.data_ptr() for t in temp]
+    summed = mt.add(xs, temp, 0.3, out=temp)  # out aliases the second operand
+    assert [t.data_ptr() for t in summed] == buffers
+    assert all(torch.equal(a, b) for a, b in zip(summed, fresh_sum))
+    rooted = mt.sqrt(xs, out=temp)
+    assert [t.data_ptr() for t in rooted] == buffers
+    assert all(torch.equal(a, b) for a, b in zip(rooted, fresh_root))
+    untouched = [y.clone() for y in ys]
+    with mt.tracing():
+        traced = mt.sqrt(xs, out=untouched)
+    assert all(torch.equal(a, b) for a, b in zip(untouched, ys))
+    assert all(torch.equal(a, b) for a, b in zip(traced, fresh_root))
