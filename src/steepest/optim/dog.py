@@ -76,7 +76,9 @@ class DoG(GlobalStepOptimizer):
         if l2:
             g = mt.add(g, p, alpha=decay)
         x0_sq = mt.squared_norms(x0) if mt.compiling() or first else [x.new_zeros(()) for x in x0]
-        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(mt.sub(p, x0)), "x0_sq": x0_sq}
+        distance = mt.sub(p, x0)
+        mt.one_loop(g, distance)
+        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(distance), "x0_sq": x0_sq}
 
     @staticmethod
     def descend(p, g, x0, *, decay, eta, l2):
@@ -139,7 +141,9 @@ def ldog_update(params, grads, x0, rbar, G, eta, *, lr, eps, reps_rel, decay, fi
     if mt.compiling():
         is_first = first > 0
         x0_norm = torch.stack(mt.norms(x0))
-        dist = torch.stack(mt.norms(mt.sub(params, x0)))
+        distance = mt.sub(params, x0)
+        mt.one_loop(grads, distance)
+        dist = torch.stack(mt.norms(distance))
         rbar_all = torch.where(is_first, reps_rel * (1.0 + x0_norm), torch.maximum(rbar_all, dist))
         G_all = torch.where(is_first, torch.zeros_like(G_all) + eps, G_all) + g_sq
     elif first:
