@@ -715,12 +715,17 @@ def test_background_compile_pending_at_fork_is_dropped_in_the_child(monkeypatch)
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-@pytest.mark.parametrize("name", ["dadapt_adam", "dadapt_sgd"])
-def test_dadapt_pass_reduces_old_and_new_state_in_its_update_loop(name):
-    """D-Adaptation's pass takes a dot product over the state before its update and a norm of the state after;
-    mt.one_loop ties both into the loop that updates the state, so the compiled kernel is a single loop over
-    memory (without it, inductor gives the dot a loop of its own that reads g and s, and Adam's v, again).
-    Counted in the C++ inductor generates; the conformance battery checks the numbers against eager."""
+@pytest.mark.parametrize("name, kwargs, loops", [("dadapt_adam", {"weight_decay": 0.1}, 1),
+                                                  ("dadapt_sgd", {"weight_decay": 0.1}, 1),
+                                                  ("dog", {}, 1), ("ldog", {}, 2)])
+def test_reductions_share_one_loop_over_memory(name, kwargs, loops):
+    """mt.one_loop ties a pass's reductions into one loop. D-Adaptation takes a dot product over the state
+    before its update and a norm of the state after: one loop that also updates (without the tie, the dot
+    gets a loop of its own that reads g and s, and Adam's v, again). DoG and LDoG reduce g and x - x0 in one
+    read loop (LDoG's kernel then steps in a second; without the tie and without L2 decay, which reads x into
+    g, g is reduced in a loop of its own).
+    Counted in the C++ inductor generates for the kernels that reduce; the conformance battery checks the
+    numbers against eager."""
     import logging
 
     from torch._inductor import config
@@ -737,10 +742,10 @@ def test_dadapt_pass_reduces_old_and_new_state_in_its_update_loop(name):
     logger.addHandler(handler)
     try:
         with config.patch({"fx_graph_cache": False}):
-            params = [torch.nn.Parameter(torch.randn(300, 1000)) for _ in range(2)]
+            params = [torch.nn.Parameter(torch.randn(300, 1000))]  # one slot: one loop per pass
             for p in params:
                 p.grad = torch.randn_like(p)
-            opt = registry.get(name).cls(params, compile=True, weight_decay=0.1)
+            opt = registry.get(name).cls(params, compile=True, **kwargs)
             opt.step()
             opt.step()
     finally:
@@ -749,8 +754,8 @@ def test_dadapt_pass_reduces_old_and_new_state_in_its_update_loop(name):
     kernels = [s for s in sources if "extern \"C\"" in s]
     if not kernels:
         pytest.skip("inductor's generated C++ was not logged")
-    loops = sum(s.count("for(int64_t x0=") for s in kernels)
-    assert loops == 1, f"{name}: {loops} param-sized loops in its compiled pass"
+    counted = [s.count("for(int64_t x0=") for s in kernels if "tmp_acc" in s]  # the kernels that reduce
+    assert counted and all(c == loops for c in counted), f"{name}: {counted} loops in its reducing kernels"
 
 
 def test_sqrt_and_add_write_over_a_dead_temporary_eager_only():

@@ -62,16 +62,16 @@ def realize(x: Scalar) -> Scalar:
 
 
 def one_loop(*values: TensorList) -> None:
-    """Tie a pass's reductions into the loop that updates the state, in the engine's compiled kernel.
+    """Reduce in one loop over memory, in the engine's compiled kernel, values that a pass's reductions read.
 
-    Pass, slot by slot, the value each reduction reads: e.g. D-Adaptation's s / (sqrt(v) + eps) taken before
-    the update of s and v (for its dot product) and the updated s (for its norm). Inductor reduces in the
-    update's loop only reductions it has first fused with one another, and it fuses two reductions only
-    when they share a read; a reduction that reads a state the pass then overwrites gets a loop of its own,
-    which reads that state a second time. A discarded max over the values' sum shares a read with each of
-    the reductions and makes each value computed once (a value read twice is realized), so all of them run
-    in the update's loop: the pass moves each word once (one max and one add per element more). Eager, and
-    inside a caller's ``torch.compile``, it does nothing.
+    Pass, slot by slot, the value each reduction reads: D-Adaptation's s / (sqrt(v) + eps) taken before the
+    update of s and v (for its dot product) and the updated s (for its norm); DoG's g and x - x0. Inductor
+    puts two reductions in one loop only when they share a read, and it gives a reduction of a state that
+    the pass then overwrites a loop of its own, which reads that state a second time. A discarded max over
+    the values' sum shares a read with each reduction and makes each value computed once (a value read
+    twice is realized, then kept in registers when all its readers share the loop), so the reductions join
+    one loop, the update's loop if there is one: each word is moved once, for one add and one max per
+    element more. Eager, and inside a caller's ``torch.compile``, it does nothing.
     """
     returned = getattr(_trace_state, "realized", None)
     if returned is None:
