@@ -18,8 +18,8 @@ def grams_update(params, grads, exp_avg, exp_avg_sq, *, beta1, beta2, scaled_eps
     mt.lerp_(exp_avg, grads, 1.0 - beta1)
     mt.mul_(exp_avg_sq, beta2)
     mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-    # |m| / denom = |m / denom| (denom > 0), so the step length takes the denominator's buffer: one new list
-    # (sign(g)) a step instead of two.
+    # |m| / denom = |m / denom| (denom > 0), so the step length takes the denominator's buffer: eager, two new
+    # lists a step (the denominator, sign(g)) instead of three.
     length = mt.sqrt(exp_avg_sq)
     mt.add_scalar_(length, scaled_eps)
     mt.rdiv_(length, exp_avg)
