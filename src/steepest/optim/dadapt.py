@@ -216,13 +216,12 @@ class DAdaptSGD(GlobalStepOptimizer):
         """The first pass: <g, s> with s before the step, then s += dlr g, and ||s||^2 after."""
         if l2:
             g = mt.add(g, p, alpha=decay)
-        if mt.compiling():
-            products = mt.mul(g, s)
-            dots = [w.sum() for w in products]
-        else:
-            dots = mt.dots(g, s)
+        # Compiled, the products are a value of their own so that mt.one_loop can tie their sum to the loop that
+        # updates s; eager, a BLAS dot product needs no temporary.
+        products = mt.mul(g, s) if mt.compiling() else None
+        dots = mt.dots(g, s) if products is None else [w.sum() for w in products]
         mt.add_(s, g, dlr)
-        if mt.compiling():
+        if products is not None:
             mt.one_loop(products, s)
         return {"dot": dots, "sq": mt.squared_norms(s)}
 
