@@ -3,8 +3,6 @@ least-squares problem, and bad input."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ import steepest
 from steepest.optim.soap import soap_merge_shape
 
 from . import trajectory
+from .kronecker import steps_to
 from .trajectory import grad_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,34 +212,6 @@ def test_refresh_rotates_the_momentum_into_the_new_basis():
 
 
 # ----------------------------------------------------------------------------------------------- behaviour
-
-
-def kron_problem(m=24, n=12, cond=100.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def mat(k):
-        U, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
-        V, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
-        return (U * torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)) @ V.T
-
-    A, B = mat(m), mat(n)
-    C = A @ torch.randn(m, n, generator=g, dtype=torch.float64) @ B
-    return A, B, C
-
-
-def steps_to(make_opt, target, steps):
-    A, B, C = kron_problem()
-    W = torch.nn.Parameter(torch.zeros(A.shape[1], B.shape[0], dtype=torch.float64))
-    opt = make_opt([W])
-    f0 = float((C**2).sum())
-    for t in range(1, steps + 1):
-        opt.zero_grad()
-        loss = ((A @ W @ B - C) ** 2).sum()
-        if float(loss.detach()) <= target * f0:
-            return t - 1
-        loss.backward()
-        opt.step()
-    return None
 
 
 def test_reaches_adamw_loss_in_fewer_steps_on_kronecker_least_squares():

@@ -1,0 +1,39 @@
+"""The Kronecker-structured least-squares problem the matrix preconditioners' behaviour tests share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kron_problem(m=24, n=12, cond=100.0, seed=0):
+    """min_W ||A W B - C||_F^2 with cond(A) = cond(B) = 100: a Hessian (B B^T) x (A^T A) of condition 1e8 that is a
+    Kronecker product, the structure Shampoo's and SOAP's factors model."""
+    g = torch.Generator().manual_seed(seed)
+
+    def mat(k):
+        U, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+        return (U * torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)) @ V.T
+
+    A, B = mat(m), mat(n)
+    C = A @ torch.randn(m, n, generator=g, dtype=torch.float64) @ B
+    return A, B, C
+
+
+def steps_to(make_opt, target, steps):
+    """Steps an optimizer built by make_opt([W]) takes from W = 0 to a loss <= target times the initial one, or
+    None if it takes more than ``steps``."""
+    A, B, C = kron_problem()
+    W = torch.nn.Parameter(torch.zeros(A.shape[1], B.shape[0], dtype=torch.float64))
+    opt = make_opt([W])
+    f0 = float((C**2).sum())
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        loss = ((A @ W @ B - C) ** 2).sum()
+        if float(loss.detach()) <= target * f0:
+            return t - 1
+        loss.backward()
+        opt.step()
+    return None
