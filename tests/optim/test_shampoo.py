@@ -19,7 +19,7 @@ from steepest.optim.shampoo import (
 )
 
 from . import trajectory
-from .kronecker import steps_to
+from .problems import steps_to
 from .trajectory import grad_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

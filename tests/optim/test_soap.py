@@ -11,7 +11,7 @@ import steepest
 from steepest.optim.soap import soap_merge_shape
 
 from . import trajectory
-from .kronecker import steps_to
+from .problems import steps_to
 from .trajectory import grad_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,5 @@
-"""The Kronecker-structured least-squares problem the matrix preconditioners' behaviour tests share."""
+"""Problems the behaviour tests share: Kronecker-structured least squares (the matrix preconditioners) and a
+separable logistic regression (first-order methods)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,19 @@ def steps_to(make_opt, target, steps):
         loss.backward()
         opt.step()
     return None
+
+
+def logistic_regression_loss(make_opt, steps=300, seed=0):
+    """The loss after ``steps`` full-batch steps of an optimizer built by make_opt([w]) on a linearly separable
+    logistic regression (256 points in 10 dimensions, w from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=g)
+    y = (x @ torch.randn(10, generator=g) > 0).float()
+    w = torch.nn.Parameter(torch.zeros(10))
+    opt = make_opt([w])
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
