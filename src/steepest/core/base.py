@@ -556,6 +556,11 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        return self._step_on_grads(loss)
+
+    def _step_on_grads(self, loss: Any) -> Any:
+        """The step on the gradients the params hold now (a closure, if any, has run); returns ``loss``. Nothing
+        changes when a check fails or, with ``skip_nonfinite``, when a gradient is not finite (counted)."""
         work = self._collect()
         if not work:
             return loss

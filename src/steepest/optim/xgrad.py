@@ -122,15 +122,7 @@ class XGrad(Optimizer):
         finally:
             for p, saved in cache:
                 p.copy_(saved)
-        work = self._collect()
-        if not work:
-            return loss
-        if self.skip_nonfinite and not self._grads_finite(work):
-            self.skipped_steps += 1
-            return loss
-        for group, params in work:
-            self._step_group(group, params)
-        return loss
+        return self._step_on_grads(loss)
 
 
 def _state(opt, params, key):
