@@ -38,7 +38,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import checks
 from . import multitensor as mt
-from .precision import is_low_precision, working_dtype, write_back_
+from .precision import as_real, working_copy, working_dtype, write_back_
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -64,9 +64,9 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
     """
     if maximize:
         grads = mt.neg(grads)
-    work_p = [p.float() if is_low_precision(p.dtype) else p for p in params]
-    work_g = [g.float() if is_low_precision(g.dtype) else g for g in grads]
-    work_s = {k: [s.float() if is_low_precision(s.dtype) else s for s in v] for k, v in states.items()}
+    work_p = [working_copy(p) for p in params]
+    work_g = [working_copy(g) for g in grads]
+    work_s = {k: [working_copy(s) for s in v] for k, v in states.items()}
     if wd_mode == "decoupled":
         mt.mul_(work_p, wd)
     elif wd_mode == "l2":
@@ -597,7 +597,7 @@ class Optimizer(torch.optim.Optimizer):
         for _, params in work:
             for p in params:
                 g = p.grad
-                by_device[g.device].append(torch.view_as_real(g) if g.is_complex() else g)
+                by_device[g.device].append(as_real(g))
         for grads in by_device.values():
             grads = [g for g in grads if g.numel() > 0]
             if grads:
@@ -631,7 +631,7 @@ class Optimizer(torch.optim.Optimizer):
         if params[0].is_complex():
             params = [torch.view_as_real(p) for p in params]
             grads = [torch.view_as_real(g) for g in grads]
-            states = {k: [torch.view_as_real(s) if s.is_complex() else s for s in v] for k, v in states.items()}
+            states = {k: [as_real(s) for s in v] for k, v in states.items()}
         scalars = self.scalars(group, step)
         wd_mode, wd = None, 0.0
         weight_decay = group.get("weight_decay", 0.0)

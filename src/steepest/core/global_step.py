@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import multitensor as mt
 from .base import Optimizer, _apply_update, chunk_runs
-from .precision import is_low_precision, write_back_
+from .precision import as_real, working_copy, write_back_
 
 
 def growth_rate_check(name: str, value: Any) -> None:
@@ -69,20 +69,15 @@ class Bucket:
     def __init__(self, opt: Optimizer, group: dict[str, Any], params: list[Tensor]) -> None:
         self.group = group
         self.params = params
-        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
-        grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad for p in params]
-        self._home_p = real
-        self.p = [x.float() if is_low_precision(x.dtype) else x for x in real]
-        g = [x.float() if is_low_precision(x.dtype) else x for x in grads]
+        self._home_p = [as_real(p) for p in params]
+        self.p = [working_copy(x) for x in self._home_p]
+        g = [working_copy(as_real(p.grad)) for p in params]
         self.g = mt.neg(g) if group["maximize"] else g
         names = [k for k in opt.state[params[0]] if k != "step"]
-        self._home_s = {k: [self._real(opt.state[p][k]) for p in params] for k in names}
-        self.s = {k: [x.float() if is_low_precision(x.dtype) else x for x in v] for k, v in self._home_s.items()}
+        self._home_s = {k: [as_real(opt.state[p][k]) for p in params] for k in names}
+        self.s = {k: [working_copy(x) for x in v] for k, v in self._home_s.items()}
         self._stochastic = opt.stochastic_rounding
 
-    @staticmethod
-    def _real(t: Tensor) -> Tensor:
-        return torch.view_as_real(t) if t.is_complex() else t
 
     def write_back(self) -> None:
         for home, work in zip(self._home_p, self.p):
@@ -178,8 +173,8 @@ class GlobalStepOptimizer(Optimizer):
         out = []
         for group, ps in self._split(work):
             names = [k for k in self.state[ps[0]] if k != "step"]
-            out.append(Part(group, ps, [Bucket._real(p) for p in ps], [Bucket._real(p.grad) for p in ps],
-                            {k: [Bucket._real(self.state[p][k]) for p in ps] for k in names}))
+            out.append(Part(group, ps, [as_real(p) for p in ps], [as_real(p.grad) for p in ps],
+                            {k: [as_real(self.state[p][k]) for p in ps] for k in names}))
         return out
 
     def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],

@@ -26,6 +26,26 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor viewed as real (a trailing dimension of 2); any other tensor as it is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def working_copy(t: Tensor) -> Tensor:
+    """t in its working dtype: a float32 copy of 16-bit storage, else t itself."""
+    return t.float() if is_low_precision(t.dtype) else t
+
+
+def working_copies(p: Tensor, state: dict, maximize: bool) -> dict:
+    """Working copies of a param (complex viewed as real), its gradient (negated under ``maximize``) and its state
+    but "step", with the tensors they are written back to: keys home, param, grad, state, home_state, step."""
+    home = as_real(p)
+    grad = working_copy(as_real(p.grad))
+    return {"home": home, "param": working_copy(home), "grad": -grad if maximize else grad,
+            "state": {k: working_copy(v) for k, v in state.items() if k != "step"}, "home_state": state,
+            "step": state["step"]}
+
+
 def stochastic_round_to_bf16(x: Tensor) -> Tensor:
     """Round a float32 tensor to bfloat16 stochastically (unbiased); NaN and Inf pass unchanged.
 

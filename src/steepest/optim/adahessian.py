@@ -14,7 +14,7 @@ from torch import Tensor
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
-from ..core.precision import is_low_precision, write_back_
+from ..core.precision import working_copy, write_back_
 from ..core.registry import register
 from ..curvature.operators import double_backward_attention
 
@@ -359,6 +359,6 @@ class AdaHessian(HessianDiagonalOptimizer):
 def ema_(buffers: Sequence[Tensor], values: Sequence[Tensor], beta: float, stochastic: bool) -> None:
     """buffer <- beta * buffer + (1 - beta) * value, in float32 for 16-bit buffers (written back as the engine)."""
     for b, v in zip(buffers, values):
-        w = b.float() if is_low_precision(b.dtype) else b
+        w = working_copy(b)
         w.mul_(beta).add_(v.to(w.dtype), alpha=1.0 - beta)
         write_back_(b, w, stochastic)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
+from ..core.precision import as_real
 from ..core.registry import register
 
 
@@ -66,7 +65,7 @@ class OptimisticAMSGrad(Optimizer):
     def init_state(self, p, group):
         v, half = self.zeros_state(p), self.zeros_state(p)
         if p.device.type != "meta":
-            (torch.view_as_real(v) if v.is_complex() else v).fill_(group["eps"])
+            as_real(v).fill_(group["eps"])
             half.copy_(p.detach())
         vhat = v.clone()
         return {"exp_avg": self.zeros_state(p), "exp_avg_sq": v, "max_exp_avg_sq": vhat, "half_point": half}

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..core import checks
 from ..core.base import Optimizer
-from ..core.precision import is_low_precision, write_back_
+from ..core.precision import as_real, working_copies, write_back_
 from ..core.registry import register
 
 # --------------------------------------------------------------------------------------------- shapes and blocks
@@ -270,10 +270,6 @@ class Shampoo(Optimizer):
         return group["precondition_frequency"] if start == -1 else start
 
     # ----------------------------------------------------------------------------------------------- state
-    @staticmethod
-    def _real(t: Tensor) -> Tensor:
-        return torch.view_as_real(t) if t.is_complex() else t
-
     def _layout(self, p: Tensor, group) -> list[tuple[tuple[slice, ...], list[tuple[int, int, float]]]]:
         """Per block: its slices of the preconditioned shape and (dim, size, exponent) of each preconditioned dim."""
         shape = preconditioned_shape(tuple(p.shape), group["max_preconditioner_dim"], group["merge_dims"])
@@ -286,7 +282,7 @@ class Shampoo(Optimizer):
         return out
 
     def init_state(self, p, group):
-        r = self._real(p)
+        r = as_real(p)
         dtype = self.state_dtype_for(r)
         state = {}
         if group["betas"][0] != 0:
@@ -367,14 +363,7 @@ class Shampoo(Optimizer):
 
     def _work(self, p: Tensor, state: dict, group) -> dict[str, Any]:
         """Working copies (float32 for 16-bit storage) of param, grad (negated under maximize) and state."""
-        r = self._real(p)
-        g = self._real(p.grad)
-        g = g.float() if is_low_precision(g.dtype) else g
-        if group["maximize"]:
-            g = -g
-        wp = r.float() if is_low_precision(r.dtype) else r
-        ws = {k: (v.float() if is_low_precision(v.dtype) else v) for k, v in state.items() if k != "step"}
-        return {"p": p, "home": r, "param": wp, "grad": g, "state": ws, "home_state": state, "step": state["step"]}
+        return {"p": p, **working_copies(p, state, group["maximize"])}
 
     def _refresh_roots(self, due, group) -> None:
         """Inverse roots of every factor due this step, batched by size (one batched eigh per size)."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core import checks
 from ..core.base import Optimizer
-from ..core.precision import is_low_precision, write_back_
+from ..core.precision import as_real, working_copies, write_back_
 from ..core.registry import register
 
 
@@ -116,10 +116,6 @@ class SOAP(Optimizer):
 
     # ----------------------------------------------------------------------------------------------- state
     @staticmethod
-    def _real(t: Tensor) -> Tensor:
-        return torch.view_as_real(t) if t.is_complex() else t
-
-    @staticmethod
     def _layout(shape: tuple[int, ...], group) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
         """The shape SOAP works on and (dim, size) of each dim that has a basis."""
         max_dim = group["max_precond_dim"]
@@ -131,7 +127,7 @@ class SOAP(Optimizer):
         return work, [(d, n) for d, n in enumerate(work) if n <= max_dim]
 
     def init_state(self, p, group):
-        r = self._real(p)
+        r = as_real(p)
         dtype = self.state_dtype_for(r)
         state = {"exp_avg": torch.zeros_like(r, dtype=dtype, memory_format=torch.preserve_format),
                  "exp_avg_sq": torch.zeros_like(r, dtype=dtype, memory_format=torch.preserve_format)}
@@ -213,14 +209,7 @@ class SOAP(Optimizer):
                     write_back_(v, st[k], stochastic)
 
     def _work(self, p: Tensor, state: dict, group) -> dict[str, Any]:
-        r = self._real(p)
-        g = self._real(p.grad)
-        g = g.float() if is_low_precision(g.dtype) else g
-        if group["maximize"]:
-            g = -g
-        wp = r.float() if is_low_precision(r.dtype) else r
-        ws = {k: (v.float() if is_low_precision(v.dtype) else v) for k, v in state.items() if k != "step"}
-        return {"home": r, "param": wp, "grad": g, "state": ws, "home_state": state, "step": state["step"]}
+        return working_copies(p, state, group["maximize"])
 
     @staticmethod
     def _initial_bases(items, n: int) -> None:

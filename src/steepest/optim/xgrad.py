@@ -9,20 +9,12 @@ import torch
 
 from ..core import checks
 from ..core.base import Optimizer
-from ..core.precision import is_low_precision
+from ..core.precision import as_real, working_copy
 from ..core.registry import register
 from .adam import Adam, AdamW
 from .sgd import SGD
 
 _STEPS_AHEAD = checks.integer(0)
-
-
-def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if is_low_precision(t.dtype) else t
 
 
 @register("xgrad", family="wrapper",
@@ -104,9 +96,9 @@ class XGrad(Optimizer):
             alpha = -s * self.lr(group)
             for p, d in zip(params, direction):
                 cache.append((p, p.detach().clone()))
-                w = _work(_real(p))
+                w = working_copy(as_real(p))
                 w = w + d * alpha
-                _real(p).copy_(w)
+                as_real(p).copy_(w)
         return cache
 
     @torch.no_grad()
@@ -126,7 +118,7 @@ class XGrad(Optimizer):
 
 
 def _state(opt, params, key):
-    return [_work(_real(opt.state[p][key])) for p in params]
+    return [working_copy(as_real(opt.state[p][key])) for p in params]
 
 
 class XGradSGD(XGrad, SGD):
@@ -157,11 +149,11 @@ def _adam_direction(opt, group, params, decoupled):
     for p in params:
         state = opt.state[p]
         step = state["step"]
-        m = _work(_real(state["exp_avg"]))
-        v = _work(_real(state["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"]))
+        m = working_copy(as_real(state["exp_avg"]))
+        v = working_copy(as_real(state["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"]))
         d = m / (1.0 - beta1**step) / (v.sqrt() / math.sqrt(1.0 - beta2**step) + group["eps"])
         if decoupled and group["weight_decay"] != 0:
-            d = d + _work(_real(p)) * group["weight_decay"]
+            d = d + working_copy(as_real(p)) * group["weight_decay"]
         out.append(d)
     return out
 
