@@ -606,13 +606,18 @@ class Optimizer(torch.optim.Optimizer):
                     return False
         return True
 
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """p's state, initialised (``init_state``, step 0) on first use."""
+        state = self.state[p]
+        if not state:
+            state.update(self.init_state(p, group))
+            state["step"] = 0
+        return state
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         buckets: dict[tuple, tuple[list[Tensor], list[dict[str, Any]]]] = {}
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             step = state["step"] = state["step"] + 1
             key = (p.device, p.dtype, p.grad.dtype, step)
             bucket = buckets.get(key)

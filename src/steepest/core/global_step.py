@@ -152,10 +152,7 @@ class GlobalStepOptimizer(Optimizer):
         for group, params in work:
             split: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.init_state(p, group))
-                    state["step"] = 0
+                self._state_of(p, group)
                 split[(p.device, p.dtype, p.grad.dtype)].append(p)
             out.extend((group, ps) for ps in split.values())
         return out

@@ -173,10 +173,7 @@ class HessianDiagonalOptimizer(Optimizer):
             return loss
         for group, params in work:
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(self.init_state(p, group))
-                    state["step"] = 0
+                self._state_of(p, group)
                 if p in estimates:
                     self._apply_estimate(p, group, estimates[p])
             self._step_group(group, params)

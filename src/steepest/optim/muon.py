@@ -266,10 +266,7 @@ class Muon(Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             state["step"] += 1
             muon = self.uses_muon(p, group)
             buckets[(muon, p.device, p.dtype, p.grad.dtype, 0 if muon else state["step"])].append(p)

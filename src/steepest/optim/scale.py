@@ -150,10 +150,7 @@ class SCALE(Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             state["step"] += 1
             matrix = p.ndim >= 2
             buckets[(matrix, p.device, p.dtype, p.grad.dtype, 0 if matrix else state["step"])].append(p)

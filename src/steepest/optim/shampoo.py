@@ -307,10 +307,7 @@ class Shampoo(Optimizer):
         # (size, dtype, device) -> [(work, root key, bias-corrected factor, exponent)]: one batched eigh each
         due: dict[tuple, list[tuple[dict, str, Tensor, float]]] = defaultdict(list)
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             state["step"] += 1
             t = state["step"]
             if p.numel() == 0:

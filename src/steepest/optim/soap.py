@@ -145,10 +145,7 @@ class SOAP(Optimizer):
         sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
         work, first, refresh = [], defaultdict(list), defaultdict(list)
         for p in params:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             state["step"] += 1
             if p.numel() == 0:
                 continue

@@ -174,10 +174,7 @@ class SophiaG(_SophiaMixin, Optimizer):
                           stacklevel=2)
             return False
         for group, p, g in todo:
-            state = self.state[p]
-            if not state:
-                state.update(self.init_state(p, group))
-                state["step"] = 0
+            state = self._state_of(p, group)
             h = state["hessian"]
             if p.is_complex():
                 h, g = torch.view_as_real(h), torch.view_as_real(g)
