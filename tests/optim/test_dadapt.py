@@ -62,6 +62,16 @@ def test_dadapt_adam_layer_scale_and_per_group_eps_match_package():
     run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.01), groups=groups)
 
 
+@pytest.mark.parametrize("decouple", [True, False])
+def test_dadapt_adam_group_with_lr_0_takes_only_decoupled_decay_as_the_package(decouple):
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.0, "weight_decay": 0.2}]
+
+    opt = run_pair(DAdaptAdam, dadaptation.DAdaptAdam, dict(weight_decay=0.01, decouple=decouple), groups=groups)
+    frozen = [p for g in opt.param_groups[1:] for p in g["params"]]
+    assert all(not opt.state[p]["exp_avg"].any() for p in frozen)
+
+
 SGD_CASES = [
     dict(),
     dict(momentum=0.9),

@@ -67,6 +67,22 @@ def test_two_groups_with_their_own_eps_and_decay_match_package():
     run_pair(dict(weight_decay=0.01), groups=groups)
 
 
+def test_group_with_lr_0_keeps_its_moments_and_takes_decoupled_decay_as_the_package():
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.0, "weight_decay": 0.2}]
+
+    a = torch_params()
+    frozen = [p.detach().clone() for p in a[2:]]
+    run_pair(dict(weight_decay=0.01), groups=groups)
+    ours = Prodigy(groups(a), weight_decay=0.01)
+    set_smooth_grads(a, 0)
+    ours.step()
+    dlr = 1e-6  # d0 lr at the first step
+    for p, p0 in zip(a[2:], frozen):
+        torch.testing.assert_close(p.detach(), p0 * (1 - 0.2 * dlr), rtol=1e-15, atol=0)
+        assert not ours.state[p]["exp_avg"].any()
+
+
 def test_groups_with_different_lr_raise_before_any_change():
     a = torch_params()
     opt = Prodigy([{"params": a[:2]}, {"params": a[2:], "lr": 0.5}])

@@ -47,6 +47,8 @@ class DAdaptAdam(GlobalStepOptimizer):
     memory: the descent uses only the moments and the step's dlr, so the numbers are the package's, except
     in a step where every entry of s cancels to exactly 0, which the package skips and this one has
     already taken (it warns; ``state`` and d are then as after the package's skipped step, p is not).
+    As in the package, a group with lr 0 keeps its moments but, with ``decouple=True``, still takes the weight
+    decay p (1 - wd dlr) at the shared dlr: give it weight_decay 0 to freeze it entirely.
     """
 
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "eps": checks.positive,

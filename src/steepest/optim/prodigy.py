@@ -54,7 +54,9 @@ class Prodigy(GlobalStepOptimizer):
     p0 is always a full copy (the package stores a scalar 0 for an all-zero tensor: the same numbers);
     betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
     (the package reads group 0); p.grad is never modified; single process (no FSDP all-reduce). If
-    sum ||s||_1 is zero the moments are updated and nothing else, as in the package.
+    sum ||s||_1 is zero the moments are updated and nothing else, as in the package. As in the package, a group
+    with lr 0 keeps its moments but, with ``decouple=True`` (the default), still takes the weight decay
+    p (1 - wd dlr) at the shared dlr: give it weight_decay 0 to freeze it entirely.
     """
 
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "beta3": _beta3_check,
