@@ -187,6 +187,43 @@ class LayerHookOptimizer(GlobalStepOptimizer):
         """The shape of every per-layer state tensor this optimizer keeps for ``layer``."""
         raise NotImplementedError
 
+    @staticmethod
+    def _layer_matrix(layer: Layer, where: dict[int, tuple[Any, int]]) -> tuple[tuple[Any, int], Any, Tensor] | None:
+        """A layer's gradient as one matrix: the weight's rows (fan-in flattened), the bias as a last column
+        (zeros where the bias has no gradient); with the weight's and the bias's (bucket, index) slots, or None
+        for a layer whose weight has no gradient this step."""
+        if id(layer.weight) not in where:
+            return None
+        bw, iw = where[id(layer.weight)]
+        gw = bw.g[iw]
+        mat = gw.reshape(gw.shape[0], -1)
+        bias_slot = where.get(id(layer.bias)) if layer.bias is not None else None
+        if layer.bias is not None:
+            gb = bias_slot[0].g[bias_slot[1]] if bias_slot else gw.new_zeros(gw.shape[0])
+            mat = torch.cat([mat, gb.reshape(-1, 1).to(mat.dtype)], 1)
+        return (bw, iw), bias_slot, mat
+
+    @staticmethod
+    def _scatter(weight_slot: tuple[Any, int], bias_slot: tuple[Any, int] | None, v: Tensor) -> None:
+        """A preconditioned layer matrix (as from :meth:`_layer_matrix`) back into the weight's and bias's
+        gradients."""
+        bw, iw = weight_slot
+        w_cols = bw.g[iw][0].numel()
+        bw.g[iw] = v[:, :w_cols].reshape(bw.g[iw].shape).to(bw.g[iw].dtype)
+        if bias_slot is not None:
+            bb, ib = bias_slot
+            bb.g[ib] = v[:, w_cols].reshape(bb.g[ib].shape).to(bb.g[ib].dtype)
+
+    @staticmethod
+    def _momentum_step(bucket: Any, i: int, p: Tensor, d: Tensor, lr: float) -> None:
+        """p <- p - lr d, through the heavy-ball buffer buf <- momentum buf + d when the group has momentum."""
+        mu = bucket.group["momentum"]
+        if mu != 0:
+            buf = bucket.s["momentum_buffer"][i]
+            buf.mul_(mu).add_(d)
+            d = buf
+        p.add_(d, alpha=-lr)
+
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict plus this optimizer's entry: the step count and each layer's state."""
         sd = super().state_dict()
@@ -370,39 +407,24 @@ class KFAC(LayerHookOptimizer):
         updates = []  # (weight slot, bias slot or None, natural gradient matrix)
         vg_sum = 0.0
         for i, layer in enumerate(self.layers):
-            if id(layer.weight) not in where:
+            found = self._layer_matrix(layer, where)
+            if found is None:
                 continue
-            bw, iw = where[id(layer.weight)]
-            gw = bw.g[iw]
-            mat = gw.reshape(gw.shape[0], -1)
-            bias_slot = where.get(id(layer.bias)) if layer.bias is not None else None
-            if layer.bias is not None:
-                gb = bias_slot[0].g[bias_slot[1]] if bias_slot else gw.new_zeros(gw.shape[0])
-                mat = torch.cat([mat, gb.reshape(-1, 1).to(mat.dtype)], 1)
+            weight_slot, bias_slot, mat = found
             st = self.layer_state[i]
             v = precondition(mat.to(st["Q_a"].dtype), st["Q_a"], st["d_a"], st["Q_g"], st["d_g"], damping, mode)
-            lr = self.lr(bw.group)
+            lr = self.lr(weight_slot[0].group)
             vg_sum += lr * lr * float((v * mat).sum())
-            updates.append(((bw, iw), bias_slot, v))
+            updates.append((weight_slot, bias_slot, v))
         nu = 1.0
         if kl_clip is not None and vg_sum > 0:
             nu = min(1.0, math.sqrt(kl_clip / vg_sum))
-        for (bw, iw), bias_slot, v in updates:
-            v = v * nu
-            w_cols = bw.g[iw][0].numel()
-            bw.g[iw] = v[:, :w_cols].reshape(bw.g[iw].shape).to(bw.g[iw].dtype)
-            if bias_slot is not None:
-                bb, ib = bias_slot
-                bb.g[ib] = v[:, w_cols].reshape(bb.g[ib].shape).to(bb.g[ib].dtype)
+        for weight_slot, bias_slot, v in updates:
+            self._scatter(weight_slot, bias_slot, v * nu)
         for b in buckets:
-            decay, mu, lr = b.group["weight_decay"], b.group["momentum"], self.lr(b.group)
+            decay, lr = b.group["weight_decay"], self.lr(b.group)
             for i, p in enumerate(b.p):
-                d = b.g[i] + decay * p if decay != 0 else b.g[i]
-                if mu != 0:
-                    buf = b.s["momentum_buffer"][i]
-                    buf.mul_(mu).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+                self._momentum_step(b, i, p, b.g[i] + decay * p if decay != 0 else b.g[i], lr)
             b.write_back()
         self.count_step(buckets)
         self.layer_steps += 1

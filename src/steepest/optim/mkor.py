@@ -228,39 +228,22 @@ class MKOR(LayerHookOptimizer):
             for i in range(len(self.layers)):
                 self._update_inverses(i, g0)
         for i, layer in enumerate(self.layers):
-            if id(layer.weight) not in where:
+            found = self._layer_matrix(layer, where)
+            if found is None:
                 continue
-            bw, iw = where[id(layer.weight)]
-            gw = bw.g[iw]
+            weight_slot, bias_slot, mat = found
             st = self.layer_state[i]
-            mat = gw.reshape(gw.shape[0], -1).to(st["L_inv"].dtype)
-            bias_slot = where.get(id(layer.bias)) if layer.bias is not None else None
-            if layer.bias is not None:
-                gb = bias_slot[0].g[bias_slot[1]] if bias_slot else gw.new_zeros(gw.shape[0])
-                mat = torch.cat([mat, gb.reshape(-1, 1).to(mat.dtype)], 1)
+            mat = mat.to(st["L_inv"].dtype)
             v = st["L_inv"] @ mat @ st["R_inv"]
             v_norm = float(torch.linalg.vector_norm(v))
             if v_norm > 0 and math.isfinite(v_norm):
                 v = v * (float(torch.linalg.vector_norm(mat)) / v_norm)
-            w_cols = gw[0].numel()
-            bw.g[iw] = v[:, :w_cols].reshape(gw.shape).to(gw.dtype)
-            if bias_slot is not None:
-                bb, ib = bias_slot
-                bb.g[ib] = v[:, w_cols].reshape(bb.g[ib].shape).to(bb.g[ib].dtype)
-        adam = g0["inner"] == "adam"
+            self._scatter(weight_slot, bias_slot, v)
+        inner = self._adam if g0["inner"] == "adam" else self._momentum_step
         for b in buckets:
             decay, lr = b.group["weight_decay"], self.lr(b.group)
             for i, p in enumerate(b.p):
-                d = b.g[i] + decay * p if decay != 0 else b.g[i]
-                if adam:
-                    self._adam(b, i, p, d, lr)
-                else:
-                    mu = b.group["momentum"]
-                    if mu != 0:
-                        buf = b.s["momentum_buffer"][i]
-                        buf.mul_(mu).add_(d)
-                        d = buf
-                    p.add_(d, alpha=-lr)
+                inner(b, i, p, b.g[i] + decay * p if decay != 0 else b.g[i], lr)
             b.write_back()
         self.count_step(buckets)
         self.layer_steps += 1
