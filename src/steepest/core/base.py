@@ -614,6 +614,19 @@ class Optimizer(torch.optim.Optimizer):
             state["step"] = 0
         return state
 
+    def _counted_by_kind(self, group: dict[str, Any], params: list[Tensor],
+                         is_matrix: Callable[[Tensor], bool]) -> list[tuple[bool, int, list[Tensor]]]:
+        """For optimizers with a matrix update and an elementwise fallback (Muon, SCALE): each param's step
+        counted, then (is_matrix, step, params) buckets by kind, device and dtypes; fallback buckets also by step
+        (their bias corrections read it), matrix buckets with step 0."""
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in params:
+            state = self._state_of(p, group)
+            state["step"] += 1
+            matrix = is_matrix(p)
+            buckets[(matrix, p.device, p.dtype, p.grad.dtype, 0 if matrix else state["step"])].append(p)
+        return [(matrix, step, bucket) for (matrix, _, _, _, step), bucket in buckets.items()]
+
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         buckets: dict[tuple, tuple[list[Tensor], list[dict[str, Any]]]] = {}
         for p in params:

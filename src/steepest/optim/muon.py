@@ -264,13 +264,7 @@ class Muon(Optimizer):
         return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            state = self._state_of(p, group)
-            state["step"] += 1
-            muon = self.uses_muon(p, group)
-            buckets[(muon, p.device, p.dtype, p.grad.dtype, 0 if muon else state["step"])].append(p)
-        for (muon, _, _, _, step), bucket in buckets.items():
+        for muon, step, bucket in self._counted_by_kind(group, params, lambda p: self.uses_muon(p, group)):
             if muon:
                 self._muon_bucket(group, bucket)
             else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -148,13 +147,7 @@ class SCALE(Optimizer):
         return {"momentum_buffer": self.zeros_state(p)} if group["last_layer"] else {}
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            state = self._state_of(p, group)
-            state["step"] += 1
-            matrix = p.ndim >= 2
-            buckets[(matrix, p.device, p.dtype, p.grad.dtype, 0 if matrix else state["step"])].append(p)
-        for (matrix, _, _, _, step), bucket in buckets.items():
+        for matrix, step, bucket in self._counted_by_kind(group, params, lambda p: p.ndim >= 2):
             self._run(group, bucket, matrix, step)
 
     def _run(self, group: dict[str, Any], params: list[Tensor], matrix: bool, step: int) -> None:
