@@ -171,10 +171,7 @@ def plot_curves(res: SuiteResult, w: str, path: Path) -> None:
         if yl == wl.metric and wl.target is not None:
             ax.axhline(wl.target, color="k", ls="--", lw=1, label="target")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{w}: best trial per study (line: median, band: min-max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path, f"{w}: best trial per study (line: median, band: min-max)")
 
 
 def plot_profiles(res: SuiteResult, path: Path) -> None:
@@ -190,9 +187,7 @@ def plot_profiles(res: SuiteResult, path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("Performance profiles")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _grid(n):
@@ -200,11 +195,29 @@ def _grid(n):
     return (n + cols - 1) // cols, cols
 
 
+def _workload_grid(plt, n: int):
+    """A figure with one panel per workload, four to a row."""
+    rows, cols = _grid(n)
+    return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+
+
+def _save(plt, fig, path: Path, title: str | None = None, axes=None, used: int | None = None) -> None:
+    """Blank the panels past ``used``, put the legend on the first, title, lay out and write the figure."""
+    if axes is not None:
+        for ax in list(axes.flat)[used:]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_lr_sensitivity(res: SuiteResult, path: Path) -> None:
     """Best validation metric of every trial against its learning rate, per workload and optimizer."""
     plt = _plt()
-    rows, cols = _grid(len(res.workloads))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _workload_grid(plt, len(res.workloads))
     for ax, w in zip(axes.flat, res.workloads):
         for o in res.optimizers:
             pts = sorted((p.hparams.get("lr", math.nan), res.records[p.key].best_metric) for p in res.plan
@@ -216,20 +229,14 @@ def plot_lr_sensitivity(res: SuiteResult, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(w, fontsize=9)
         ax.set_xlabel("lr", fontsize=8)
-    for ax in list(axes.flat)[len(res.workloads):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Learning-rate sensitivity: best validation metric per trial (missing = diverged)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path, "Learning-rate sensitivity: best validation metric per trial (missing = diverged)",
+          axes, len(res.workloads))
 
 
 def plot_best_so_far(res: SuiteResult, path: Path) -> None:
     """Best-so-far validation metric against the number of trials (median over studies)."""
     plt = _plt()
-    rows, cols = _grid(len(res.workloads))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = _workload_grid(plt, len(res.workloads))
     for ax, w in zip(axes.flat, res.workloads):
         mode = get_workload(next(s for s in res.config["workloads"] if get_workload(s).name == w)).mode
         for o in res.optimizers:
@@ -250,13 +257,8 @@ def plot_best_so_far(res: SuiteResult, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(w, fontsize=9)
         ax.set_xlabel("trials", fontsize=8)
-    for ax in list(axes.flat)[len(res.workloads):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Best-so-far validation metric vs number of trials (median over studies)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path, "Best-so-far validation metric vs number of trials (median over studies)",
+          axes, len(res.workloads))
 
 
 # ------------------------------------------------------------------------------------------------- pages
