@@ -78,7 +78,6 @@ class Bucket:
         self.s = {k: [working_copy(x) for x in v] for k, v in self._home_s.items()}
         self._stochastic = opt.stochastic_rounding
 
-
     def write_back(self) -> None:
         for home, work in zip(self._home_p, self.p):
             write_back_(home, work, self._stochastic)
