@@ -234,6 +234,25 @@ def test_eager_and_compiled_agree_without_recompiles(info):
     close(fused2, eager, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+def test_step_counts_as_an_in_place_change_of_the_params(info, compile):
+    """A graph that saved the params before a step cannot be back-propagated through after it: autograd sees
+    the step's writes (version counters), eager or fused, as it sees torch.optim's."""
+    if compile:
+        applies(info, "compile")
+    params = make_params()
+    opt = make_opt(info, params, compile=compile)
+    opt.step(closure_for(opt, params))
+    held = [(p * p).sum() for p in params]  # each product saves its param itself for its backward
+    before = snapshot(params)
+    opt.step(closure_for(opt, params))
+    changed = [i for i, (p, b) in enumerate(zip(params, before)) if not torch.equal(p, b)]
+    assert changed, "the step changed no param"
+    for i in changed:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            held[i].backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_tracks_float64(info, dtype):
     applies(info, "dtypes")

@@ -779,3 +779,40 @@ def test_sqrt_and_add_write_over_a_dead_temporary_eager_only():
         traced = mt.sqrt(xs, out=untouched)
     assert all(torch.equal(a, b) for a, b in zip(untouched, ys))
     assert all(torch.equal(a, b) for a, b in zip(traced, fresh_root))
+
+
+@pytest.mark.parametrize("name", ["adan", "dadapt_adam"])
+def test_kernels_called_past_their_wrappers_match_the_wrapped_calls(name, monkeypatch):
+    """The fused path calls inductor's generated code directly (the compile stack's wrappers cost ~5-16 us a
+    call): the same numbers, bit for bit, as calls through the wrappers, for an elementwise update (Adan) and a
+    pass that returns reductions (D-Adaptation Adam); autocast turns the direct call off."""
+    from steepest.core import base
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(300, 40), (5000,), (7, 3, 5)]]
+
+    direct_params, wrapped_params = make(), make()
+    direct = registry.get(name).cls(direct_params, compile=True)
+    wrapped = registry.get(name).cls(wrapped_params, compile=True)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g) for p in direct_params]
+        for params in (direct_params, wrapped_params):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+        direct.step()
+        with monkeypatch.context() as m:
+            m.setattr(base, "_direct_calls_allowed", lambda: False)
+            wrapped.step()
+    kernels = [k for k in direct._kernels.values() if k is not None]
+    assert kernels
+    if any(k.direct is None for k in kernels):
+        pytest.skip("this torch's compiled artifacts do not expose their generated code")
+    for a, b in zip(direct_params, wrapped_params):
+        assert torch.equal(a, b)
+        for key in direct.state[a]:
+            assert torch.equal(torch.as_tensor(direct.state[a][key]), torch.as_tensor(wrapped.state[b][key]))
+    assert base._direct_calls_allowed()
+    with torch.autocast("cpu"):
+        assert not base._direct_calls_allowed()
