@@ -114,7 +114,8 @@ class _FlatChunk(NamedTuple):
     """One call of a flat-path kernel: its layout ("flat": 1-D tensors; "matrix": one tensor viewed as
     (shape[0], rest)), the indices it updates, the shape its gradients are viewed as, its fixed arguments
     (aliases of the params and states, padded to the kernel's slot count with scratch tensors), and the tensors
-    whose memory each argument is (None for pads and for the gradients, which the step supplies)."""
+    whose memory each argument is (None for pads and for the gradients, which the step supplies), with a cache
+    of the tensors a kernel's writes land in (:func:`_written_tensors`)."""
 
     layout: str
     grad_shape: tuple[int, ...]
@@ -124,6 +125,7 @@ class _FlatChunk(NamedTuple):
     states: dict[str, list[Tensor]]
     state_args: list[Tensor]
     homes: list[Tensor | None]
+    written: dict[tuple[int, ...] | None, tuple[list[Tensor], tuple[int, ...]]]
 
 
 class _FusedPlan(NamedTuple):
@@ -414,17 +416,21 @@ def _direct_call(artifact: Callable, graph: Any, example: list[Tensor]) -> Calla
     return direct if same else None
 
 
-def _bump_versions(chunk: _FlatChunk, grads: list[Tensor], written: tuple[int, ...] | None) -> None:
-    """Count a kernel call's writes on the tensors it wrote through aliases (params, states; a gradient it wrote,
-    were there one), as an in-place op counts them: autograd then refuses a backward through a param a step has
-    changed, as it does after an eager step. ``written`` None (not known): every param and state of the chunk."""
-    homes, slots = chunk.homes, len(chunk.params)
-    if written is None:
-        touched = [t for t in homes if t is not None]
-    else:
-        touched = [homes[w] if homes[w] is not None else grads[chunk.idx[w - slots]] for w in written
-                   if w < len(homes) and (homes[w] is not None or slots <= w < slots + len(chunk.idx))]
-    torch._C._increment_version(touched)
+def _written_tensors(chunk: _FlatChunk, grads: list[Tensor], written: tuple[int, ...] | None) -> list[Tensor]:
+    """The params and states (and gradients, were a kernel to write one) that a kernel call writing the
+    arguments at positions ``written`` changes through their aliases; ``written`` None (not known): every param
+    and state of the chunk. Cached on the chunk, gradients aside (the step supplies them)."""
+    cached = chunk.written.get(written)
+    if cached is None:
+        homes, slots = chunk.homes, len(chunk.params)
+        if written is None:
+            cached = ([t for t in homes if t is not None], ())
+        else:
+            cached = ([homes[w] for w in written if w < len(homes) and homes[w] is not None],
+                      tuple(w - slots for w in written if slots <= w < slots + len(chunk.idx)))
+        chunk.written[written] = cached
+    tensors, grad_slots = cached
+    return [*tensors, *(grads[chunk.idx[j]] for j in grad_slots)] if grad_slots else tensors
 
 
 def _direct_calls_allowed() -> bool:
@@ -831,13 +837,13 @@ class Optimizer(torch.optim.Optimizer):
                 chunks.append(_FlatChunk("flat", (-1,), idx,
                                          [_flat_alias(params[i]) for i in idx] + scratch["param"][:pad],
                                          scratch["grad"][:pad], chunk_states,
-                                         [t for v in chunk_states.values() for t in v], homes))
+                                         [t for v in chunk_states.values() for t in v], homes, {}))
         for i in matrices:
             shape = (params[i].shape[0], params[i].numel() // params[i].shape[0])
             chunk_states = {k: [_flat_alias(v[i], shape)] for k, v in states.items()}
             chunks.append(_FlatChunk("matrix", shape, [i], [_flat_alias(params[i], shape)], [], chunk_states,
                                      [t for v in chunk_states.values() for t in v],
-                                     [params[i], None, *(v[i] for v in states.values())]))
+                                     [params[i], None, *(v[i] for v in states.values())], {}))
         return chunks
 
     @classmethod
@@ -951,6 +957,9 @@ class Optimizer(torch.optim.Optimizer):
         done: list[int] = []
         kernels: dict[str, _FlatKernel | None] = {}
         direct = _direct_calls_allowed()
+        # Writes through aliases are counted on the tensors they land in, as an in-place op counts them: autograd
+        # then refuses a backward through a param the step has changed, as after an eager step.
+        changed: list[Tensor] = []
         for chunk in plan.chunks:
             if chunk.layout not in kernels:
                 kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout, len(chunk.params)), options, chunk,
@@ -965,7 +974,7 @@ class Optimizer(torch.optim.Optimizer):
                 chunk_grads = ([grads[i] for i in chunk.idx] if shaped
                                else [grads[i].view(chunk.grad_shape) for i in chunk.idx])
                 result = run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
-                _bump_versions(chunk, grads, written)
+                changed += _written_tensors(chunk, grads, written)
             except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
                 self._compile_failed(key + (chunk.layout, len(chunk.params)), err)
                 kernels[chunk.layout] = None
@@ -977,6 +986,7 @@ class Optimizer(torch.optim.Optimizer):
                     for s, i in enumerate(chunk.idx):  # pad slots' values are dropped
                         outputs[name][i] = result[j * slots + s]
             done.extend(chunk.idx)
+        torch._C._increment_version(changed)
         return done
 
     def _scratch(self, p: Tensor, g: Tensor, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
