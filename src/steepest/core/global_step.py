@@ -12,6 +12,7 @@ reductions returned by the kernel), as ``compile`` says; the others run the eage
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,9 +39,13 @@ growth_rate_check.bad_example = 0.0
 
 
 def total(values: list[Tensor]) -> float:
-    """The sum of 0-dim tensors as a Python float (summed in float64, one host synchronisation)."""
+    """The sum of 0-dim tensors as a Python float: on the CPU, their values summed exactly rounded (``math.fsum``;
+    ~7 us for 40 values, against ~70 us for stacking them into one tensor first); elsewhere summed in float64 on
+    the device, one host synchronisation."""
     if not values:
         return 0.0
+    if all(v.device.type == "cpu" for v in values):
+        return math.fsum(v.item() for v in values)
     t = torch.stack([v.reshape(()) for v in values])
     if t.device.type == "mps":
         t = t.cpu()
