@@ -312,7 +312,10 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         _flat_kernels_compiled += 1
         shaped = probe and not options["stochastic"] and _reads_sizes_from_params(kernel, example, count)
         graph = _compiled_graph(kernel)
-        direct = _direct_call(kernel, graph, example)
+        # A kernel that draws random numbers (stochastic rounding) gives two runs different bits: it keeps its
+        # wrappers rather than have its check reseed the process's generator (which a background compile would
+        # do under the feet of the training thread).
+        direct = None if options["stochastic"] else _direct_call(kernel, graph, example)
         # The graph's input positions are the call's arguments' where its direct call matched the wrapped one.
         written = getattr(graph, "mutated_input_idxs", None) if direct is not None else None
         return _FlatKernel(kernel, shaped, tuple(output_names), direct,
@@ -386,8 +389,9 @@ def _direct_call(artifact: Callable, graph: Any, example: list[Tensor]) -> Calla
     inside a dynamo frame).
 
     Taken only if the direct call matches the wrapped one bit for bit (every input it writes and every output)
-    on random inputs shaped as the example, with the same random-number state: any other layout of the
-    wrappers' internals (another torch version) falls back to the wrapped call.
+    on random inputs shaped as the example: any other layout of the wrappers' internals (another torch
+    version) falls back to the wrapped call. The kernel must not draw random numbers (the two runs would
+    differ).
     """
     call = getattr(graph, "current_callable", None)
     if graph is None or not callable(call) or not getattr(graph, "_boxed_call", False) or graph.inputs_to_check:
@@ -396,14 +400,14 @@ def _direct_call(artifact: Callable, graph: Any, example: list[Tensor]) -> Calla
     def direct(*args: Tensor) -> Any:
         return call(list(args))
 
-    inputs = [torch.rand_like(t).add_(0.5) if t.is_floating_point() else t.clone() for t in example]
+    # Values from a private generator: the process's random-number stream stays as it was.
+    values = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(t.shape, generator=values, dtype=t.dtype).add_(0.5).to(t.device)
+              if t.is_floating_point() else t.clone() for t in example]
 
     def run(fn: Callable) -> list[Tensor]:
         args = [t.clone() for t in inputs]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            outputs = fn(*args) or ()
-        return [*args, *outputs]
+        return [*args, *(fn(*args) or ())]
 
     try:
         wrapped, mine = run(artifact), run(direct)
