@@ -221,7 +221,7 @@ class DAdaptSGD(GlobalStepOptimizer):
         # Compiled, the products are a value of their own so that mt.one_loop can tie their sum to the loop that
         # updates s; eager, a BLAS dot product needs no temporary.
         products = mt.mul(g, s) if mt.compiling() else None
-        dots = mt.dots(g, s) if products is None else [w.sum() for w in products]
+        dots = mt.dots(g, s) if products is None else [mt.wide_sum(w) for w in products]
         mt.add_(s, g, dlr)
         if products is not None:
             mt.one_loop(products, s)
