@@ -68,17 +68,18 @@ class DoG(GlobalStepOptimizer):
     fusable = True
 
     @staticmethod
-    def norms(p, g, x0, *, decay, first, l2):
-        """The first pass: ||g||^2 (g with L2 decay), ||x - x0||^2 and ||x0||^2 (for a first step's rbar).
+    def initial_norm(p, g, x0):
+        """||x0||^2, for a group's first rbar: a pass of its own, eager, taken once."""
+        return {"x0_sq": mt.squared_norms(x0)}
 
-        Compiled, ||x0||^2 comes from the loop that reads x0 anyway, so one kernel serves every step (``first``
-        is then unused); eager, it is a pass of its own, taken only when ``first`` is nonzero (0 otherwise)."""
+    @staticmethod
+    def norms(p, g, x0, *, decay, l2):
+        """The first pass: ||g||^2 (g with L2 decay) and ||x - x0||^2, reduced in one loop."""
         if l2:
             g = mt.add(g, p, alpha=decay)
-        x0_sq = mt.squared_norms(x0) if mt.compiling() or first else [x.new_zeros(()) for x in x0]
         distance = mt.sub(p, x0)
         mt.one_loop(g, distance)
-        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(distance), "x0_sq": x0_sq}
+        return {"g_sq": mt.squared_norms(g), "r_sq": mt.squared_norms(distance)}
 
     @staticmethod
     def descend(p, g, x0, *, decay, eta, l2):
@@ -96,9 +97,9 @@ class DoG(GlobalStepOptimizer):
             self._group_step(group_parts[0].group, group_parts)
         self.count_step(parts)
 
-    def _norms(self, group, part, first):
+    def _norms(self, group, part):
         decay = group["weight_decay"]
-        return self.run_pass(part, type(self).norms, dict(decay=decay, first=float(first)), l2=decay != 0)
+        return self.run_pass(part, type(self).norms, dict(decay=decay), l2=decay != 0)
 
     def _descend(self, group, part, eta):
         decay = group["weight_decay"]
@@ -107,9 +108,13 @@ class DoG(GlobalStepOptimizer):
     def _group_step(self, group, parts):
         first = "rbar" not in group
         reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
-        sums = [self._norms(group, part, first) for part in parts]
+        sums = [self._norms(group, part) for part in parts]
         g_sq = sum(total(x["g_sq"]) for x in sums)
-        r = math.sqrt(sum(total(x["x0_sq" if first else "r_sq"]) for x in sums))
+        if first:
+            r = math.sqrt(sum(total(self.run_pass(part, type(self).initial_norm, {}, fuse=False)["x0_sq"])
+                              for part in parts))
+        else:
+            r = math.sqrt(sum(total(x["r_sq"]) for x in sums))
         if first:
             rbar = reps_rel * (1 + r)
             G = g_sq + group["eps"]
