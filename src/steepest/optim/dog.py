@@ -141,15 +141,15 @@ def ldog_update(params, grads, x0, rbar, G, eta, *, lr, eps, reps_rel, decay, fi
         grads = mt.add(grads, params, alpha=decay)
     g_sq = torch.stack(mt.squared_norms(grads))
     rbar_all, G_all = torch.cat(list(rbar)), torch.cat(list(G))
-    # Compiled, ||x0|| comes from the loop that reads x0 anyway and ``first`` is a tensor (one kernel for every
-    # step); eager, a first step takes ||x0|| and a later one ||x - x0||, not both.
+    # Compiled, ``first`` is a tensor (one kernel for every step) and one norm serves both steps: of x0 at a
+    # first step, of x - x0 later, selected per element in the loop that reads x and x0 anyway; eager, a first
+    # step takes ||x0|| and a later one ||x - x0||.
     if mt.compiling():
         is_first = first > 0
-        x0_norm = torch.stack(mt.norms(x0))
-        distance = mt.sub(params, x0)
-        mt.one_loop(grads, distance)
-        dist = torch.stack(mt.norms(distance))
-        rbar_all = torch.where(is_first, reps_rel * (1.0 + x0_norm), torch.maximum(rbar_all, dist))
+        reach = [torch.where(is_first, x_init, x - x_init) for x, x_init in zip(params, x0)]
+        mt.one_loop(grads, reach)
+        reach_norm = torch.stack(mt.norms(reach))
+        rbar_all = torch.where(is_first, reps_rel * (1.0 + reach_norm), torch.maximum(rbar_all, reach_norm))
         G_all = torch.where(is_first, torch.zeros_like(G_all) + eps, G_all) + g_sq
     elif first:
         rbar_all = reps_rel * (1.0 + torch.stack(mt.norms(x0)))
