@@ -401,17 +401,16 @@ def _direct_call(artifact: Callable, graph: Any, example: list[Tensor]) -> Calla
     def direct(*args: Tensor) -> Any:
         return call(list(args))
 
-    # Values from a private generator: the process's random-number stream stays as it was.
-    values = torch.Generator().manual_seed(0)
-    inputs = [torch.rand(t.shape, generator=values, dtype=t.dtype).add_(0.5).to(t.device)
-              if t.is_floating_point() else t.clone() for t in example]
-
-    def run(fn: Callable) -> list[Tensor]:
+    def run(fn: Callable, inputs: list[Tensor]) -> list[Tensor]:
         args = [t.clone() for t in inputs]
         return [*args, *(fn(*args) or ())]
 
     try:
-        wrapped, mine = run(artifact), run(direct)
+        # Values from a private generator: the process's random-number stream stays as it was.
+        values = torch.Generator().manual_seed(0)
+        inputs = [torch.rand(t.shape, generator=values, dtype=t.dtype).add_(0.5).to(t.device)
+                  if t.is_floating_point() else t.clone() for t in example]
+        wrapped, mine = run(artifact, inputs), run(direct, inputs)
     except Exception:  # noqa: BLE001 - no direct call where it cannot run like the wrapped one
         return None
     same = len(wrapped) == len(mine) and all(
