@@ -148,11 +148,11 @@ def own_stream(opt, params):
     return run, 3 * sum(t.numel() for t in targets)
 
 
-def time_interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each candidate, all timed in every round so that drift hits all alike, in an order shuffled
-    per round (a kernel right after one on the same buffers finds part of them in the last-level cache), after
-    `warmup` untimed rounds (the first steps in a process page-fault their temporaries in until the C
-    allocator has grown its thresholds)."""
+def time_rounds(steps: dict, rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Ms of each candidate in each round, all timed in every round so that drift hits all alike, in an order
+    shuffled per round (a kernel right after one on the same buffers finds part of them in the last-level
+    cache), after `warmup` untimed rounds (the first steps in a process page-fault their temporaries in until
+    the C allocator has grown its thresholds)."""
     times = {k: [] for k in steps}
     for _ in range(warmup):
         for fn in steps.values():
@@ -164,8 +164,15 @@ def time_interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, flo
         for k in order:
             t = time.perf_counter()
             steps[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def round_ratio(times: dict[str, list[float]], num: str, den: str, scale: float = 1.0) -> float:
+    """The median over rounds of scale * num / den, each round's pair timed a fraction of a second apart: this
+    VM's memory speeds up and slows down by ~1.5x over seconds, which a ratio of medians over the whole run
+    would mix in."""
+    return statistics.median(scale * a / b for a, b in zip(times[num], times[den]))
 
 
 def same_buffers(params, rounds: int) -> None:
@@ -178,9 +185,10 @@ def same_buffers(params, rounds: int) -> None:
     for p in params:
         ours.state[p].update(step=1, exp_avg=ref.state[p]["exp_avg"], exp_avg_sq=ref.state[p]["exp_avg_sq"])
     ours.step()
-    ms = time_interleaved({"ours": ours.step, "torch": ref.step}, rounds)
+    times = time_rounds({"ours": ours.step, "torch": ref.step}, rounds)
+    ms = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nsame buffers as torch fused AdamW: steepest fused AdamW {ms['ours']:.2f} ms, torch fused "
-          f"{ms['torch']:.2f} ms, ratio {ms['ours'] / ms['torch']:.3f}")
+          f"{ms['torch']:.2f} ms, ratio {round_ratio(times, 'ours', 'torch'):.3f}")
 
 
 def main(argv=None):
@@ -250,21 +258,28 @@ def main(argv=None):
         candidates["torch fused stream"] = tfused_stream
         tadamw_stream, tadamw_moved = own_stream(ref, params)
         candidates["torch AdamW stream"] = tadamw_stream
-        ms = time_interleaved(candidates, args.rounds)
-        # floor = bytes the step must move / bandwidth of the stream over the same buffers
-        floor = {k: words * 4 * args.numel * ms[f"{k} stream"] / (moved * 4) for k, (_, moved) in streams.items()}
+        times = time_rounds(candidates, args.rounds)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        # floor = bytes the step must move / bandwidth of the stream over the same buffers, taken round by round
+        per_word = {k: 4 * args.numel / (moved * 4) for k, (_, moved) in streams.items()}  # stream ms -> ms a word
+        floor_ms = words * per_word.get("fused", per_word["eager"]) * ms["fused stream" if "fused" in ms
+                                                                           else "eager stream"]
+        eager_floor = round_ratio(times, "eager", "eager stream", 1 / (words * per_word["eager"]))
+        fused_floor = (round_ratio(times, "fused", "fused stream", 1 / (words * per_word["fused"]))
+                       if "fused" in ms else float("nan"))
+        tfused_floor = round_ratio(times, "torch fused AdamW", "torch fused stream", tfused_moved / (7 * args.numel))
+        tadamw_floor = round_ratio(times, "torch AdamW", "torch AdamW stream", tadamw_moved / (7 * args.numel))
         sbytes = state_bytes_per_param(eager, params)
         fused_ms = ms.get("fused", float("nan"))
-        floor_ms = floor.get("fused", floor["eager"])
-        fused_floor = fused_ms / floor["fused"] if "fused" in floor else float("nan")
-        tfused_floor = ms["torch fused AdamW"] / (7 * args.numel * ms["torch fused stream"] / tfused_moved)
-        tadamw_floor = ms["torch AdamW"] / (7 * args.numel * ms["torch AdamW stream"] / tadamw_moved)
-        eager_alg = ms["eager"] / floor["eager"] * words / alg_words  # eager time over the method's own floor
+        eager_alg = eager_floor * words / alg_words  # eager time over the method's own floor
+
+        def vs_torch(name, times=times):
+            return round_ratio(times, "fused", name) if "fused" in times else float("nan")
         print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
-              f"{ms['eager'] / floor['eager']:9.2f} {fused_floor:9.2f} {alg_words:5d} "
+              f"{eager_floor:9.2f} {fused_floor:9.2f} {alg_words:5d} "
               f"{fused_floor * words / alg_words:9.2f} {tfused_floor:9.2f} "
-              f"{ms['eager'] / ms['torch AdamW']:12.2f} {eager_alg / tadamw_floor:8.2f} "
-              f"{fused_ms / ms['torch AdamW']:12.2f} {fused_ms / ms['torch fused AdamW']:12.2f} {sbytes:9.1f}",
+              f"{round_ratio(times, 'eager', 'torch AdamW'):12.2f} {eager_alg / tadamw_floor:8.2f} "
+              f"{vs_torch('torch AdamW'):12.2f} {vs_torch('torch fused AdamW'):12.2f} {sbytes:9.1f}",
               flush=True)
         del eager, candidates, ref, ref_fused
         if not args.no_fused:
@@ -279,7 +294,8 @@ def main(argv=None):
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager time over the "
           "method's own floor (alg w) over torch AdamW's time over its floor (time per word the step must move, "
           "eager vs torch AdamW); "
-          "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing.")
+          "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing: the median over "
+          "rounds of each round's ratio (ms columns: medians).")
 
 
 if __name__ == "__main__":
