@@ -277,7 +277,9 @@ def copy_(xs: TensorList, ys: TensorList) -> None:
     torch._foreach_copy_(xs, ys)
 
 
-def _dot_friendly(xs: TensorList) -> bool:
+def dot_friendly(xs: TensorList) -> bool:
+    """Whether every tensor is a float32/float64 CPU tensor, where a dot product of flat views is ATen's fastest
+    and most accurate reduction."""
     # ATen's CPU norm of a float32 tensor reads at about half the memory bandwidth and rounds more than a dot
     # product of the tensor with itself (16M normal floats: 2.2 ms and relative error 8e-4, against 1.1 ms and
     # 1e-4); elsewhere the for-each norm is one fused launch.
@@ -300,7 +302,7 @@ def squared_norms(xs: TensorList) -> list[Tensor]:
     """The squared Euclidean norm of each tensor, as 0-dim tensors."""
     if compiling():
         return [wide_sum(x * x) for x in xs]
-    if _dot_friendly(xs):
+    if dot_friendly(xs):
         return [torch.dot(f, f) for f in (x.reshape(-1) for x in xs)]
     return [n * n for n in torch._foreach_norm(xs)]
 
@@ -311,7 +313,7 @@ def norms(xs: TensorList) -> list[Tensor]:
         # The for-each norm has no compiler lowering (a separate eager call); the plain norm becomes a
         # reduction inside the fused kernel.
         return [wide_sum(x * x).sqrt() for x in xs]
-    if _dot_friendly(xs):
+    if dot_friendly(xs):
         return [s.sqrt() for s in squared_norms(xs)]
     return list(torch._foreach_norm(xs))
 
@@ -328,7 +330,7 @@ def l1_norms(xs: TensorList) -> list[Tensor]:
     """The l1 norm (sum of absolute values) of each tensor, as 0-dim tensors."""
     if compiling():
         return [wide_sum(x.abs()) for x in xs]
-    if _dot_friendly(xs):
+    if dot_friendly(xs):
         # ATen's CPU l1 norm runs at 0.4x the speed of |x| summed and rounds more (16.8M normal floats in 40
         # tensors: 7.2 ms and relative error 1e-5, against 2.9 ms and 1e-7).
         return [x.abs().sum() for x in xs]
