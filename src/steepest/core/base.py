@@ -125,7 +125,7 @@ class _FlatChunk(NamedTuple):
     states: dict[str, list[Tensor]]
     state_args: list[Tensor]
     homes: list[Tensor | None]
-    written: dict[tuple[int, ...] | None, tuple[list[Tensor], tuple[int, ...]]]
+    written_cache: dict[tuple[int, ...] | None, tuple[list[Tensor], tuple[int, ...]]]
 
 
 class _FusedPlan(NamedTuple):
@@ -424,7 +424,7 @@ def _written_tensors(chunk: _FlatChunk, grads: list[Tensor], written: tuple[int,
     """The params and states (and gradients, were a kernel to write one) that a kernel call writing the
     arguments at positions ``written`` changes through their aliases; ``written`` None (not known): every param
     and state of the chunk. Cached on the chunk, gradients aside (the step supplies them)."""
-    cached = chunk.written.get(written)
+    cached = chunk.written_cache.get(written)
     if cached is None:
         homes, slots = chunk.homes, len(chunk.params)
         if written is None:
@@ -432,7 +432,7 @@ def _written_tensors(chunk: _FlatChunk, grads: list[Tensor], written: tuple[int,
         else:
             cached = ([homes[w] for w in written if w < len(homes) and homes[w] is not None],
                       tuple(w - slots for w in written if slots <= w < slots + len(chunk.idx)))
-        chunk.written[written] = cached
+        chunk.written_cache[written] = cached
     tensors, grad_slots = cached
     return [*tensors, *(grads[chunk.idx[j]] for j in grad_slots)] if grad_slots else tensors
 

@@ -113,12 +113,10 @@ class DoG(GlobalStepOptimizer):
         if first:
             r = math.sqrt(sum(total(self.run_pass(part, type(self).initial_norm, {}, fuse=False)["x0_sq"])
                               for part in parts))
-        else:
-            r = math.sqrt(sum(total(x["r_sq"]) for x in sums))
-        if first:
             rbar = reps_rel * (1 + r)
             G = g_sq + group["eps"]
         else:
+            r = math.sqrt(sum(total(x["r_sq"]) for x in sums))
             rbar = max(group["rbar"], r)
             G = group["G"] + g_sq
         eta = self.lr(group) * rbar / math.sqrt(G) if G > 0 else 0.0

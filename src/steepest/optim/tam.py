@@ -22,7 +22,7 @@ def _cosines(xs, ys):
         # Each tensor's three products back to back: its second and third reads of x and y come from the cache,
         # not from memory (list by list, every tensor is read three times from memory).
         sums = torch.stack([torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
-                            for x, y in ((a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys))]).reshape(-1, 3)
+                            for x, y in ((a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys))])
         dots, prod = sums[:, 0], sums[:, 1].sqrt() * sums[:, 2].sqrt()
     nonzero = prod > 0
     return torch.where(nonzero, dots / torch.where(nonzero, prod, torch.ones_like(prod)), torch.zeros_like(prod))
