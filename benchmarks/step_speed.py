@@ -136,11 +136,19 @@ def algorithm_words(info, kwargs) -> int:
 
 def own_stream(opt, params):
     """A step-sized stream over opt's own buffers: ``x.lerp_(g, 0)`` for the params and every param-sized
-    state (reads x and g, writes x unchanged). Returns the callable and the float32 words it moves."""
+    state (reads x and g, writes x unchanged). Returns the callable and the float32 words it moves.
+
+    The states go slot by slot (every tensor's first state, then every tensor's second, ...), so that a
+    gradient is read again only after a sweep over the whole model: taken tensor by tensor, a 1.7 MB gradient
+    stays in the last-level cache for its tensor's next state, the stream moves fewer words from memory than
+    it counts, and the floor comes out too low for methods with several states (torch's fused AdamW over its
+    floor measured 1.09 that way, 0.99 slot by slot; Optimistic AMSGrad with 4 states 1.26 and 1.04)."""
     states = [[s for s in opt.state[p].values() if torch.is_tensor(s) and s.shape == p.shape
                and s.dtype == p.dtype] for p in params]
-    targets = list(params) + [s for st in states for s in st]
-    sources = [p.grad for p in params] + [p.grad for p, st in zip(params, states) for _ in st]
+    slots = max((len(st) for st in states), default=0)
+    pairs = [(p, p.grad) for p in params]
+    pairs += [(st[j], p.grad) for j in range(slots) for p, st in zip(params, states) if j < len(st)]
+    targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
 
     def run():
         with torch.no_grad():
