@@ -46,9 +46,11 @@ def authors_diffgrad(arrays, steps=STEPS, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
     dict(lr=3e-2, betas=(0.8, 0.99), weight_decay=0.1),
     dict(lr=1e-2, betas=(0.95, 0.9), eps=1e-3, weight_decay=1e-2),
 ])
-def test_matches_authors_transcription(kwargs):
+@pytest.mark.parametrize("compile", [False, True])
+def test_matches_authors_transcription(kwargs, compile):
+    # Compiled, the friction is folded into the denominator (one division): its own formula, checked here too.
     arrays = make_arrays()
-    got, _ = run_torch(lambda ps: steepest.DiffGrad(ps, **kwargs), arrays)
+    got, _ = run_torch(lambda ps: steepest.DiffGrad(ps, compile=compile, **kwargs), arrays)
     want = authors_diffgrad(arrays, **kwargs)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
