@@ -97,10 +97,10 @@ def _closure():
     return torch.tensor(1.0)
 
 
-def algorithm_words(info, kwargs) -> int:
-    """Words per parameter the method's step must move, found on a small model: it reads g, p unless the step
-    overwrites it, and each param-sized state whose old value the step uses; it writes p and each state the step
-    changes; plus ``info.reread_words`` read twice.
+def algorithm_words(info, kwargs) -> tuple[int, int]:
+    """Words per parameter the method's step must read and write, found on a small model: it reads g, p unless
+    the step overwrites it, and each param-sized state whose old value the step uses; it writes p and each state
+    the step changes; plus ``info.reread_words`` read twice.
 
     A state is written if a step with new gradients changes it; p or a state is read if a NaN put into it reaches
     p or a state (an overwritten value leaves no trace).
@@ -131,7 +131,7 @@ def algorithm_words(info, kwargs) -> int:
             warnings.simplefilter("ignore")
             step()
         read += any(torch.isnan(t).any() for t in [params[0], *(state[k] for k in names)])
-    return 1 + read + 1 + len(written) + info.reread_words
+    return 1 + read + info.reread_words, 1 + len(written)
 
 
 def own_stream(opt, params):
@@ -225,7 +225,7 @@ def main(argv=None):
         names = args.only.split(",")
         chosen = [steepest.get(n) for n in names]
     head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
-            f"{'fused/fl':>9s} {'alg w':>5s} {'fused/alg':>9s} {'tFused/fl':>9s} {'eager/tAdamW':>12s} "
+            f"{'fused/fl':>9s} {'alg w':>5s} {'read':>4s} {'fused/alg':>9s} {'tFused/fl':>9s} {'eager/tAdamW':>12s} "
             f"{'per word':>8s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s}")
     print(head)
     print("-" * len(head))
@@ -233,7 +233,8 @@ def main(argv=None):
         words = 3 + 2 * info.state_words
         kwargs = dict(info.example_kwargs)
         kwargs["lr"] = 1e-6
-        alg_words = algorithm_words(info, kwargs)
+        alg_read, alg_written = algorithm_words(info, kwargs)
+        alg_words = alg_read + alg_written
         needs_closure = getattr(info.cls, "needs_closure", False)
         try:
             eager = info.cls(params, compile=False, **kwargs)
@@ -284,7 +285,7 @@ def main(argv=None):
         def vs_torch(name, times=times):
             return round_ratio(times, "fused", name) if "fused" in times else float("nan")
         print(f"{info.name:14s} {ms['eager']:9.2f} {fused_ms:9.2f} {first_s:6.1f} {floor_ms:9.2f} "
-              f"{eager_floor:9.2f} {fused_floor:9.2f} {alg_words:5d} "
+              f"{eager_floor:9.2f} {fused_floor:9.2f} {alg_words:5d} {alg_read:4d} "
               f"{fused_floor * words / alg_words:9.2f} {tfused_floor:9.2f} "
               f"{round_ratio(times, 'eager', 'torch AdamW'):12.2f} {eager_alg / tadamw_floor:8.2f} "
               f"{vs_torch('torch AdamW'):12.2f} {vs_torch('torch fused AdamW'):12.2f} {sbytes:9.1f}",
@@ -297,7 +298,8 @@ def main(argv=None):
     print("\nfloor = (3 + 2*state_words) words/param x 4 B / bandwidth of a lerp_ stream over the same params, "
           "grads and states (eager/fl, fused/fl and tFused/fl each on its own buffers; floor ms: the fused one's); "
           "alg w = the words the method's step must move (read g, and p and the states whose old values it uses; "
-          "write p and the states it changes; plus words read twice because the update waits on a reduction), "
+          "write p and the states it changes; plus words read twice because the update waits on a reduction), read = "
+          "how many of those are reads, "
           "fused/alg = fused time over that floor; "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager time over the "
           "method's own floor (alg w) over torch AdamW's time over its floor (time per word the step must move, "
