@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -29,12 +30,33 @@ def test_step_speed_prints_a_row_per_method(monkeypatch, capsys):
     for name, cells in rows.items():
         values = [float(c) for c in cells]
         # floor ms (the fourth cell) of a 4096-element step can print as 0.00; every ratio and time is positive
-        assert len(values) == 14 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
+        assert len(values) == 15 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
     # The words each step must move: AdamW reads p, g, m, v and writes p, m, v; Prodigy reads p, g, s, p0, m, v,
-    # writes p, s, m, v (p0 is read only) and reads p, m, v again after the global reduction.
-    assert float(rows["adamw"][6]) == 7 and float(rows["prodigy"][6]) == 13 and float(rows["tam"][6]) == 7
+    # writes p, s, m, v (p0 is read only) and reads p, m, v again after the global reduction; TAM reads p, g, m,
+    # and g and m again after the tensor's cosine, and writes p and m.
+    assert [float(rows[k][6]) for k in ("adamw", "prodigy", "tam")] == [7, 13, 7]
+    assert [float(rows[k][7]) for k in ("adamw", "prodigy", "tam")] == [4, 9, 5]
     same = [line for line in out.splitlines() if line.startswith("same buffers as torch fused AdamW")]
     assert len(same) == 1 and float(same[0].split()[-1]) > 0
+
+
+def test_floor_stream_reads_no_gradient_twice_in_a_row(monkeypatch):
+    """The floor's stream must move every word it counts from memory: a gradient read for one state and again
+    right away for the same tensor's next state would come from the cache."""
+    step_speed = _load("step_speed")
+    params = step_speed.make_params(4 * 64, 4)
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    opt.step()
+    run, moved = step_speed.own_stream(opt, params)
+    seen = []
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda targets, sources, w: seen.append((targets, sources)))
+    run()
+    [(targets, sources)] = seen
+    every = [p for p in params] + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    assert sorted(map(id, targets)) == sorted(map(id, every)) and moved == 3 * sum(t.numel() for t in every)
+    assert all(s is p.grad for t, s in zip(targets, sources) for p in params if t is p or any(
+        t is v for v in opt.state[p].values()))
+    assert all(a is not b for a, b in zip(sources, sources[1:]))
 
 
 @pytest.mark.parametrize("argv", [["--blocks", "1", "--dim", "32", "--only", "muon", "--steps", "2"],
