@@ -576,26 +576,38 @@ def _cpu_isa_modules():
     return config, cpp_builder, cpu_vec_isa
 
 
-def test_cpu_isa_list_is_settled_from_the_cpus_report_without_builds(monkeypatch):
-    """The engine settles inductor's valid-ISA list from the CPU's report, building nothing, and the list equals
-    the one inductor's own probe (a test library built and loaded per ISA, fresh ISA objects) gives here."""
+def test_cpu_isa_list_is_settled_from_the_cpus_report_without_builds(monkeypatch, tmp_path):
+    """The engine settles inductor's valid-ISA list from the CPU's report, building nothing even with an empty
+    inductor cache (a fresh machine), and the list and each ISA's BF16 flag equal what inductor's own probe (a
+    test library built and loaded per ISA and sub-feature, fresh ISA objects) gives here."""
     from steepest.core import base
 
     config, cpp_builder, cpu_vec_isa = _cpu_isa_modules()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     builds = []
     build = cpp_builder.CppBuilder.build
     monkeypatch.setattr(cpp_builder.CppBuilder, "build", lambda self: (builds.append(self), build(self))[1])
     monkeypatch.setattr(base, "_cpu_isa_settled", None)
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    base._settle_cpu_isa()
-    settled = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-    assert builds == [] and settled and base._cpu_isa_settled is True
-    monkeypatch.undo()
-    reported = cpu_vec_isa.x86_isa_checker()
-    candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
-                  if all(flag in reported for flag in str(isa).split())]
-    probed = [str(isa) for isa in (type(c)() for c in candidates) if isa]
-    assert settled == probed
+    base._forget_isa_checks(cpu_vec_isa)
+    try:
+        def answers():
+            return [(str(isa), getattr(isa, "_is_avx512_bf16_supported", None))
+                    for isa in cpu_vec_isa.valid_vec_isa_list()]
+
+        base._settle_cpu_isa()
+        settled = answers()
+        assert builds == [] and settled and base._cpu_isa_settled is True
+        # Inductor's own probe, its cached answers forgotten first (an ISA object equal to a settled one would
+        # otherwise be answered from the settled cache).
+        base._forget_isa_checks(cpu_vec_isa)
+        probed = answers()
+        assert builds  # the probe did build: the empty cache was in use
+        assert settled == probed
+    finally:
+        monkeypatch.undo()
+        base._forget_isa_checks(cpu_vec_isa)
+        base._cpu_isa_settled = None
+        base._settle_cpu_isa()
 
 
 @pytest.mark.parametrize("how", ["option", "env"])
@@ -627,7 +639,11 @@ def test_kernel_that_fails_to_compile_for_the_settled_isa_is_compiled_again_afte
 
     _, _, cpu_vec_isa = _cpu_isa_modules()
     monkeypatch.setattr(base, "_cpu_isa_settled", None)
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    base._forget_isa_checks(cpu_vec_isa)
+    checks = []
+    check_build = cpu_vec_isa.VecISA.check_build
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", lambda self, code: (checks.append(self),
+                                                                               check_build(self, code))[1])
     compile_ = torch._inductor.standalone_compile
     calls = []
 
@@ -648,6 +664,8 @@ def test_kernel_that_fails_to_compile_for_the_settled_isa_is_compiled_again_afte
         _train(params, opt, 2)
     assert not [str(w.message) for w in caught if "eager path" in str(w.message)]  # the second compile succeeded
     assert len(calls) == 2 and base._cpu_isa_settled is False
+    # Inductor's probe asked again about every ISA it keeps: the answers the settled list had cached were forgotten.
+    assert {type(isa) for isa in cpu_vec_isa.valid_vec_isa_list()} <= {type(isa) for isa in checks}
     assert opt._kernels and all(k is not None for k in opt._kernels.values())
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -208,9 +208,11 @@ def _settle_cpu_isa() -> None:
     cpuinfo-based checks, which include the operating system's support for the registers) is what inductor
     itself trusts in Meta's builds, where it skips the probe; here the list is settled from it the same way
     (``cpp.vec_isa_ok``) unless the user set that option (``TORCHINDUCTOR_VEC_ISA_OK``) or asked for an ISA
-    (``ATEN_CPU_CAPABILITY``). A compiler that cannot build for the chosen ISA fails the kernel's compile, which
-    the engine answers by handing the list back to inductor's probe (:func:`_probe_cpu_isa`) and compiling once
-    more. The list is process-wide: a ``torch.compile`` of the model on the CPU uses it too.
+    (``ATEN_CPU_CAPABILITY``). With that option set inductor still builds a library for each sub-feature the CPU
+    reports (AVX-512 BF16, twice, and VNNI: 1.5 s with an empty inductor cache); the CPU's report answers those
+    too. A compiler that cannot build for the chosen ISA fails the kernel's compile, which the engine answers by
+    handing the list back to inductor's probe (:func:`_probe_cpu_isa`) and compiling once more. The list is
+    process-wide: a ``torch.compile`` of the model on the CPU uses it too.
     """
     global _cpu_isa_settled
     if _cpu_isa_settled is not None:
@@ -222,11 +224,31 @@ def _settle_cpu_isa() -> None:
         from torch._inductor import config, cpu_vec_isa
 
         if config.cpp.vec_isa_ok is None and cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0:
-            with config.patch({"cpp.vec_isa_ok": True}):
-                cpu_vec_isa.valid_vec_isa_list()
+            check_build = cpu_vec_isa.VecISA.check_build
+            cpu_vec_isa.VecISA.check_build = lambda self, code: True
+            try:
+                with config.patch({"cpp.vec_isa_ok": True}):
+                    cpu_vec_isa.valid_vec_isa_list()
+            finally:
+                cpu_vec_isa.VecISA.check_build = check_build
             _cpu_isa_settled = True
     except (ImportError, AttributeError):
         pass
+
+
+def _forget_isa_checks(cpu_vec_isa: Any) -> None:
+    """Clear inductor's cached answers about the CPU's ISAs (the valid list, each ISA's own check and its BF16
+    flag), so that its probe asks again."""
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    isas = list(getattr(cpu_vec_isa, "supported_vec_isa_list", []))
+    for cls in {cpu_vec_isa.VecISA, *(type(isa) for isa in isas)}:
+        for name in ("__bool__", "_VecISA__bool__impl", "is_avx512_bf16_supported"):
+            cached = cls.__dict__.get(name)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+    for isa in isas:
+        if "_is_avx512_bf16_supported" in vars(isa):
+            isa._is_avx512_bf16_supported = False
 
 
 def _probe_cpu_isa() -> bool:
@@ -238,7 +260,7 @@ def _probe_cpu_isa() -> bool:
     _cpu_isa_settled = False
     from torch._inductor import cpu_vec_isa
 
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    _forget_isa_checks(cpu_vec_isa)
     return True
 
 
