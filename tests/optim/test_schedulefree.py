@@ -28,12 +28,16 @@ CASES = [
 ]
 
 
-def _run_pair(ours_cls, theirs_cls, kwargs, eval_every=5):
+def _run_pair(ours_cls, theirs_cls, kwargs, eval_every=5, lr_drop_at=None):
     a, b = torch_params(), torch_params()
     ours, theirs = ours_cls(a, **kwargs), theirs_cls(b, **kwargs)
     ours.train()
     theirs.train()
     for t in range(STEPS):
+        if t == lr_drop_at:
+            for opt in (ours, theirs):
+                for group in opt.param_groups:
+                    group["lr"] *= 0.3
         set_smooth_grads(a, t)
         set_smooth_grads(b, t)
         ours.step()
@@ -58,6 +62,15 @@ def test_sgd_schedulefree_matches_package(kwargs):
 @pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()) or "default")
 def test_adamw_schedulefree_matches_package(kwargs):
     _run_pair(AdamWScheduleFree, schedulefree.AdamWScheduleFree, {"lr": 0.02, "betas": (0.9, 0.99), **kwargs})
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,kwargs", [
+    (SGDScheduleFree, schedulefree.SGDScheduleFree, {"lr": 0.05, "momentum": 0.9, "warmup_steps": 3}),
+    (AdamWScheduleFree, schedulefree.AdamWScheduleFree, {"lr": 0.02, "weight_decay": 0.05}),
+], ids=["sgd", "adamw"])
+def test_lr_lowered_mid_run_matches_package(ours_cls, theirs_cls, kwargs):
+    # A scheduler lowering lr: from then on the average's weights use the largest lr so far (lr_max), not lr.
+    _run_pair(ours_cls, theirs_cls, kwargs, lr_drop_at=10)
 
 
 def test_package_defaults_match():

@@ -53,13 +53,16 @@ def run_torch(make_opt, arrays, steps=STEPS):
 
 
 def numpy_xgrad_adam(arrays, steps=STEPS, s=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                     decoupled=True):
+                     decoupled=True, amsgrad=False):
     """XGrad on Adam/AdamW (arXiv 2305.18240): x_hat = x_t - s lr Delta_t with the current moments,
-    Delta = m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) (+ wd x_t for AdamW); g = grad(x_hat); Adam(W) step at x_t."""
+    Delta = m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) (+ wd x_t for AdamW); g = grad(x_hat); Adam(W) step at x_t.
+    With amsgrad, v in both is the running maximum of v (torch.optim.Adam's amsgrad)."""
     b1, b2 = betas
     xs = [a.copy() for a in arrays]
     m = [np.zeros_like(a) for a in arrays]
     v = [np.zeros_like(a) for a in arrays]
+    vmax = [np.zeros_like(a) for a in arrays]
+    second = vmax if amsgrad else v
     losses = []
     for t in range(1, steps + 1):
         hats = []
@@ -68,7 +71,7 @@ def numpy_xgrad_adam(arrays, steps=STEPS, s=1, lr=1e-3, betas=(0.9, 0.999), eps=
                 hats.append(x.copy())
                 continue
             k = t - 1  # the optimizer's step count so far
-            delta = m[i] / (1 - b1**k) / (np.sqrt(v[i]) / math.sqrt(1 - b2**k) + eps)
+            delta = m[i] / (1 - b1**k) / (np.sqrt(second[i]) / math.sqrt(1 - b2**k) + eps)
             if decoupled:
                 delta = delta + weight_decay * x
             hats.append(x - s * lr * delta)
@@ -81,7 +84,8 @@ def numpy_xgrad_adam(arrays, steps=STEPS, s=1, lr=1e-3, betas=(0.9, 0.999), eps=
                 g = g + weight_decay * x
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
-            x -= lr / (1 - b1**t) * m[i] / (np.sqrt(v[i]) / math.sqrt(1 - b2**t) + eps)
+            vmax[i] = np.maximum(vmax[i], v[i])
+            x -= lr / (1 - b1**t) * m[i] / (np.sqrt(second[i]) / math.sqrt(1 - b2**t) + eps)
     return xs, losses
 
 
@@ -116,6 +120,9 @@ def close(got, want, rtol=1e-10):
     ("adamw", dict(lr=2e-2, betas=(0.8, 0.99), weight_decay=0.1, steps_ahead=2)),
     ("adam", dict(lr=2e-2, eps=1e-3)),
     ("adam", dict(lr=2e-2, weight_decay=0.05, steps_ahead=3)),
+    # A short memory of g^2 (b2 0.6) lets v fall below its running maximum: amsgrad's prediction differs.
+    ("adamw", dict(lr=2e-2, betas=(0.8, 0.6), weight_decay=0.05, amsgrad=True)),
+    ("adam", dict(lr=2e-2, betas=(0.9, 0.6), amsgrad=True, steps_ahead=2)),
 ])
 def test_xgrad_adam_matches_numpy_transcription(base, kwargs):
     arrays = make_arrays()
