@@ -54,3 +54,37 @@ def logistic_regression_loss(make_opt, steps=300, seed=0):
         loss.backward()
         opt.step()
     return loss.item()
+
+
+def scaled_layers_loss(make_opt, steps=300, seed=0, scales=(1e3, 1e-1)):
+    """The loss after ``steps`` full-batch steps, over the initial one, on two layers whose quadratic losses differ
+    in scale by 1e4 (0.5 s ||w - w*||^2 per layer, 16 weights each, w from 0): one learning rate for both moves
+    the steep layer out of its stable range or leaves the flat one where it started."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [torch.randn(16, generator=g, dtype=torch.float64) for _ in scales]
+    ws = [torch.nn.Parameter(torch.zeros(16, dtype=torch.float64)) for _ in scales]
+    opt = make_opt(ws)
+
+    def loss():
+        return sum(0.5 * s * ((w - t) ** 2).sum() for s, w, t in zip(scales, ws, targets))
+
+    f0 = float(loss().detach())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return float(loss().detach()) / f0
+
+
+def spiky_quadratic_loss(make_opt, steps=300, seed=0, every=25, spike=1e4):
+    """The loss after ``steps`` steps, over the initial one, on 0.5 ||w - w*||^2 (32 weights, w from 0) whose
+    gradient is scaled by ``spike`` at every ``every``-th step (an outlier batch)."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(32, generator=g, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(32, dtype=torch.float64))
+    opt = make_opt([w])
+    for k in range(1, steps + 1):
+        opt.zero_grad()
+        w.grad = (w.detach() - target) * (spike if k % every == 0 else 1.0)
+        opt.step()
+    return float(((w.detach() - target) ** 2).sum() / (target**2).sum())
