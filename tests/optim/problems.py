@@ -88,3 +88,34 @@ def spiky_quadratic_loss(make_opt, steps=300, seed=0, every=25, spike=1e4):
         w.grad = (w.detach() - target) * (spike if k % every == 0 else 1.0)
         opt.step()
     return float(((w.detach() - target) ** 2).sum() / (target**2).sum())
+
+
+def bilinear_game_distance(make_opt, steps=1000, seed=0, n=8):
+    """Squared distance to the equilibrium (0, 0), over the initial one, after ``steps`` simultaneous steps of
+    min_x max_y x^T A y (x descends, y ascends: its gradient is negated), A 8 x 8 Gaussian: gradient
+    descent-ascent spirals away from the equilibrium, optimistic steps close in on it."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    x = torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+    y = torch.nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+    opt = make_opt([x, y])
+    d0 = float(x.detach().square().sum() + y.detach().square().sum())
+    for _ in range(steps):
+        x.grad = (A @ y).detach()
+        y.grad = -(A.T @ x).detach()
+        opt.step()
+    return float(x.detach().square().sum() + y.detach().square().sum()) / d0
+
+
+def ill_conditioned_quadratic_loss(make_opt, steps=300, seed=0, n=20):
+    """The loss after ``steps`` steps, over the initial one, on 0.5 sum_i h_i (w_i - w*_i)^2 with h from 1 down to
+    0.01 (w from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.logspace(0, -2, n, dtype=torch.float64)
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    opt = make_opt([w])
+    for _ in range(steps):
+        w.grad = h * (w.detach() - target)
+        opt.step()
+    return float((h * (w.detach() - target) ** 2).sum() / (h * target**2).sum())

@@ -8,7 +8,7 @@ import torch
 
 import steepest
 
-from .problems import logistic_regression_loss
+from .problems import bilinear_game_distance, logistic_regression_loss
 
 SHAPES = [(5, 4), (7,), (1,), (3, 2, 2)]
 
@@ -89,3 +89,14 @@ def test_half_point_is_amsgrad_without_bias_correction():
 
 def test_reaches_target_on_logistic_regression():
     assert logistic_regression_loss(lambda ps: steepest.OptimisticAMSGrad(ps, lr=0.05)) < 0.1
+
+
+def test_optimistic_step_closes_in_on_a_bilinear_games_equilibrium():
+    """Optimism's use (the paper builds on optimistic online learning, as optimistic mirror descent for games): on
+    min_x max_y x^T A y the step along the guess of the next gradient contracts towards the equilibrium, where
+    AMSGrad's simultaneous steps spiral away (beta1 = 0, so theta is the gradient itself)."""
+    def optimistic(ps):
+        return steepest.OptimisticAMSGrad(ps, lr=0.03, betas=(0.0, 0.999))
+
+    assert bilinear_game_distance(optimistic) < 0.3  # measured 0.147 (0.038 for seed 1)
+    assert not bilinear_game_distance(lambda ps: torch.optim.Adam(ps, lr=0.03, betas=(0.0, 0.999), amsgrad=True)) < 1

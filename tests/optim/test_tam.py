@@ -9,6 +9,7 @@ import torch
 import steepest
 
 from . import trajectory
+from .problems import ill_conditioned_quadratic_loss
 
 SHAPES = [(5, 4), (7,), (3, 2, 2)]
 STEPS = 30
@@ -132,6 +133,15 @@ def test_misaligned_gradient_is_damped():
     p.grad = -torch.ones(5, dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.9 * m1 - 1e-8, rtol=1e-12, atol=1e-15)
+
+
+def test_torque_damping_keeps_momentum_stable_beyond_heavy_balls_step_limit():
+    """Momentum weighted by (1 + s)/2, s the smoothed cosine between momentum and gradient: where the iterate
+    oscillates across a valley the gradient opposes the momentum and the weight falls towards 0, so TAM stays
+    stable at lr h_max = 10, beyond heavy ball's limit 2 (1 + momentum) = 3.8 and beyond it even at half the lr
+    (a constant weight of 1/2). Heavy ball at the same lr diverges."""
+    assert ill_conditioned_quadratic_loss(lambda ps: steepest.TAM(ps, lr=10.0, momentum=0.9)) < 1e-4  # 1.1e-6
+    assert not ill_conditioned_quadratic_loss(lambda ps: torch.optim.SGD(ps, lr=10.0, momentum=0.9)) < 1.0
 
 
 def test_tam_and_adatam_minimise_a_noisy_quadratic():
