@@ -319,15 +319,26 @@ def test_zero_gradient_gives_no_nan(info):
 
 
 def test_zero_size_and_frozen_params(info):
+    """A zero-size param with a (zero-size) gradient steps without error and changes nothing else; a frozen param
+    is left alone: the others take the numbers of a run without either."""
     params = make_params()
     empty = torch.nn.Parameter(torch.zeros(0, 3, dtype=torch.float64))
     frozen = torch.nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+    torch.manual_seed(0)
     opt = make_opt(info, [*params, empty, frozen])
-    for _ in range(2):
+    inner = closure_for(opt, params)
+
+    def closure():
+        loss = inner()  # zero_grad first, then the loss's gradients
         empty.grad = torch.zeros_like(empty)
-        opt.step(closure_for(opt, params))
-    assert torch.equal(frozen, torch.ones(2, dtype=torch.float64))
-    assert empty.shape == (0, 3)
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert torch.equal(frozen, torch.ones(2, dtype=torch.float64)) and frozen.grad is None
+    assert empty.shape == (0, 3) and empty.grad is not None
+    alone, _ = run(info, steps=2)
+    close(params, alone, rtol=1e-14, atol=1e-15)
 
 
 def test_zero_dim_param_equals_one_element_param(info):
@@ -395,6 +406,8 @@ def test_step_hooks_and_repr(info):
 
 
 def test_works_with_torch_lr_scheduler(info):
+    """A scheduler's lr is the one the step uses: the same numbers as the lr set by hand before each step (that
+    lr moves the params at all is test_tiny_lr_leaves_params_unchanged's)."""
     applies(info, "tensor_lr")
     params = make_params()
     opt = make_opt(info, params)
@@ -404,3 +417,10 @@ def test_works_with_torch_lr_scheduler(info):
         opt.step(closure_for(opt, params))
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.125)
+    by_hand = make_params()
+    manual = make_opt(info, by_hand)
+    for t in range(3):
+        for group in manual.param_groups:
+            group["lr"] = lr0 * 0.5**t
+        manual.step(closure_for(manual, by_hand))
+    close(params, by_hand, rtol=1e-14, atol=1e-15)
