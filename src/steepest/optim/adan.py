@@ -43,6 +43,9 @@ def adan_update(params, grads, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, 
           paper="Xie et al. 2022, Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models",
           arxiv="2208.06677", reference="sail-sg/Adan (adan.py); float64 NumPy transcription in the tests",
           state_words=4, example_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
+          conformance_skip={"bf16_state_values": "exp_avg_diff averages g_t - g_{t-1} with g_{t-1} stored in "
+                                                  "bfloat16: a difference of nearby numbers, one of them rounded, "
+                                                  "off by ~28% of its size after 5 steps here"},
           search_space={"lr": ("log", 1e-4, 1e-1), "one_minus_beta1": ("log", 4e-3, 0.1),
                         "weight_decay": ("log", 5e-3, 1.0)})
 class Adan(Optimizer):
