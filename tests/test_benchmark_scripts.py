@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .fused_calls import recording_fused_calls
+
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -71,5 +73,11 @@ def test_matrix_speed_runs(argv, capsys):
 @pytest.mark.parametrize("mode", ["sync", "background"])
 def test_first_step_child_reaches_the_fused_kernel(mode):
     first_step = _load("first_step")
-    r = first_step.child("adamw", 4096, 4, mode, limit_s=120.0)
+    with recording_fused_calls() as calls:
+        r = first_step.child("adamw", 4096, 4, mode, limit_s=120.0)
     assert r["steps_until_fused"] is not None and r["first_s"] > 0 and r["max_s"] >= r["first_s"]
+    # A compiled first step runs fused; either way the child stops 5 steps after the first fused one, and each of
+    # those 6 steps (one fused-path call each: 4 float32 tensors) had the kernel update all 4 tensors.
+    assert mode == "background" or r["steps_until_fused"] == 1
+    assert len(calls) == r["steps_until_fused"] + 5
+    assert all(len(c.done) == 4 for c in calls.assert_all_fused(len(calls) - 6))

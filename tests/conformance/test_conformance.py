@@ -12,6 +12,7 @@ import steepest  # noqa: F401 - fills the registry
 from steepest.core.base import compiled_graphs
 from steepest.core.registry import methods
 
+from ..fused_calls import recording_fused_calls
 from .problem import SHAPES, closure_for, loss_fn, make_opt, make_params, run, snapshot
 
 METHODS = [m for m in methods() if issubclass(m.cls, torch.optim.Optimizer)]
@@ -230,7 +231,12 @@ def test_eager_and_compiled_agree_without_recompiles(info):
             g["lr"] = g["lr"] * 0.9
         opt.step(closure_for(opt, params))
     assert compiled_graphs() == graphs, "the fused kernel recompiled after its first step"
-    fused2, _ = run(info, steps=2, compile=True)
+    with recording_fused_calls() as calls:
+        fused2, fused_opt = run(info, steps=2, compile=True)
+    # A kernel, not the eager fallback, updated the tensors it was planned for, at every pass of both steps (methods
+    # that compile through the engine's kernels; matrix methods compile their own steps).
+    if fused_opt._kernels:
+        calls.assert_all_fused(opt=fused_opt)
     close(fused2, eager, rtol=1e-9, atol=1e-12)
 
 
@@ -287,7 +293,10 @@ def test_fused_low_precision_matches_eager(info, case):
     kw = (dict(dtype=torch.bfloat16) if case == "bf16 params"
           else dict(dtype=torch.float32, state_dtype=torch.bfloat16, stochastic_rounding=False))
     eager, _ = run(info, steps=4, compile=False, **kw)
-    fused, _ = run(info, steps=4, compile=True, **kw)
+    with recording_fused_calls() as calls:
+        fused, fused_opt = run(info, steps=4, compile=True, **kw)
+    if fused_opt._kernels:
+        calls.assert_all_fused(opt=fused_opt)
     for a, b in zip(fused, eager):
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-3)
 

@@ -12,6 +12,8 @@ from steepest.core import checks, registry
 from steepest.core.base import _COMPILE_MIN_NUMEL, compiled_graphs
 from steepest.core.precision import stochastic_round_to_bf16
 
+from ..fused_calls import recording_fused_calls
+
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
     torch.manual_seed(0)
@@ -60,14 +62,25 @@ def test_stochastic_rounding_keeps_small_updates_of_bf16_params(compile):
     p_sr = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     o_rn = steepest.SGD([p_rn], lr=lr, compile=compile)
     o_sr = steepest.SGD([p_sr], lr=lr, stochastic_rounding=True, compile=compile)
-    for _ in range(steps):
-        p_rn.grad = -torch.ones(n, dtype=torch.bfloat16)
-        p_sr.grad = -torch.ones(n, dtype=torch.bfloat16)
-        o_rn.step()
-        o_sr.step()
+    with recording_fused_calls() as calls:
+        for _ in range(steps):
+            p_rn.grad = -torch.ones(n, dtype=torch.bfloat16)
+            p_sr.grad = -torch.ones(n, dtype=torch.bfloat16)
+            o_rn.step()
+            o_sr.step()
+    if compile:  # every step of the stochastic-rounding run went through its kernel
+        calls.assert_all_fused(opt=o_sr, calls=steps)
     assert torch.all(p_rn == 1.0)
     expected = 1.0 + steps * lr
     assert abs(p_sr.double().mean().item() - expected) < 0.1 * steps * lr
+    # The mean also holds with the same noise at every step (a fixed 1.3% of the elements, those whose noise
+    # exceeds 1 - lr/ulp, round up at every step; the rest never move): the spread over elements tells them
+    # apart. Fresh noise rounds each element up Binomial(50, lr/ulp = 0.0128) times: 47.5% of them move, by at
+    # most a few ulps. Measured (seed 0, eager and compiled): fresh noise, 47.5-47.9% moved, at most 5 ulps;
+    # noise fixed across steps, 1.3% moved, by 50 ulps each.
+    ulps = ((p_sr.detach().double() - 1.0) / 2.0**-7).round()  # bf16 spacing in [1, 2)
+    assert (ulps > 0).double().mean().item() > 0.3
+    assert ulps.max().item() <= 12
 
 
 @pytest.mark.parametrize("compile", [True, "background"])
@@ -120,11 +133,17 @@ def test_background_compile_steps_eager_until_ready_then_fused():
     graphs = compiled_graphs()
     params = _offset_params(SHAPES_10)
     opt = steepest.AdamW(params, lr=0.05, weight_decay=0.1, compile="background")
-    _train(params, opt, 1)
-    # The first step ran eager while the kernel compiles on stand-ins: bit for bit the eager step.
-    assert all(torch.equal(a, b) for a, b in zip(params, ref))
-    assert opt.wait_compiled(120) and opt._compile_jobs
-    _train(params, opt, 4, start=1)
+    with recording_fused_calls() as calls:
+        _train(params, opt, 1)
+        # The first step ran eager while the kernel compiles on stand-ins: bit for bit the eager step.
+        assert all(torch.equal(a, b) for a, b in zip(params, ref))
+        assert [c.done for c in calls.since(0, opt)] == [[]]
+        assert opt.wait_compiled(120) and opt._compile_jobs
+        ready = calls.mark()
+        _train(params, opt, 4, start=1)
+        # Once ready, each of the 4 steps ran the kernel over all 10 tensors.
+        calls.assert_all_fused(ready, opt, calls=4)
+        assert all(len(c.done) == 10 for c in calls.since(ready, opt))
     _train(ref, ref_opt, 4, start=1)
     assert not opt._compile_jobs and len(opt._kernels) == 1
     assert compiled_graphs() == graphs + 1, "every shape and storage offset share one graph"
@@ -144,10 +163,15 @@ def test_global_step_passes_compile_in_the_background_then_run_fused(name, kerne
     graphs = compiled_graphs()
     params = _offset_params(SHAPES_10)
     opt = cls(params, compile="background")
-    _train(params, opt, 1)
-    assert all(torch.equal(a, b) for a, b in zip(params, ref))
-    assert opt.wait_compiled(120)
-    _train(params, opt, 4, start=1)
+    with recording_fused_calls() as calls:
+        _train(params, opt, 1)
+        assert all(torch.equal(a, b) for a, b in zip(params, ref))
+        assert opt.wait_compiled(120)
+        ready = calls.mark()
+        _train(params, opt, 4, start=1)
+    # Once ready, every pass of the 4 steps ran its kernel over all 10 tensors.
+    assert len(calls.assert_all_fused(ready, opt)) >= 4
+    assert all(len(c.done) == 10 for c in calls.since(ready, opt))
     _train(ref, ref_opt, 4, start=1)
     assert not opt._compile_jobs and len(opt._kernels) == kernels == compiled_graphs() - graphs
     for a, b in zip(params, ref):
@@ -166,17 +190,24 @@ def test_global_step_passes_mix_fused_and_eager_tensors(name):
                 torch.nn.Parameter(torch.randn(77, dtype=torch.float64))]
     ref, params = make(), make()
     assert not params[2].is_contiguous()
-    _fused_follows_eager(steepest.get(name).cls, ref, params)
+    fused = _fused_follows_eager(steepest.get(name).cls, ref, params)
+    # The kernels took the two fusable tensors at every pass; the other two went eager.
+    assert all(c.given == 4 and sorted(c.done) == [0, 3] for c in fused)
 
 
 def _fused_follows_eager(cls, ref, params, steps=4):
-    """cls stepped eager on ref and compiled on params (equal copies): every kernel compiled, same trajectory."""
+    """cls stepped eager on ref and compiled on params (equal copies): every kernel compiled and run at every
+    step (every pass's planned tensors done by a kernel), same trajectory. Returns the fused-path calls."""
     _train(ref, cls(ref, compile=False), steps)
     opt = cls(params, compile=True)
-    _train(params, opt, steps)
+    with recording_fused_calls() as calls:
+        _train(params, opt, steps)
     assert opt._kernels and all(k is not None for k in opt._kernels.values())
+    fused = calls.assert_all_fused(opt=opt)
+    assert len(fused) >= steps
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    return fused
 
 
 def test_global_step_pass_outputs_through_torch_compile(monkeypatch):
@@ -198,8 +229,11 @@ def test_fused_params_with_storage_offsets_share_one_graph(monkeypatch, standalo
     params = _offset_params(SHAPES_10)
     opt = steepest.AdamW(params, lr=0.05, weight_decay=0.1, compile=True)
     graphs = compiled_graphs()
-    _train(params, opt, 3)
+    with recording_fused_calls() as calls:
+        _train(params, opt, 3)
     assert compiled_graphs() == graphs + 1
+    # The one graph ran each step over all 10 tensors.
+    assert all(len(c.done) == 10 for c in calls.assert_all_fused(opt=opt, calls=3))
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -248,8 +282,11 @@ def test_fused_chunks_with_uneven_sizes_match_eager(name, kwargs):
             opt.step()
         return ps
     graphs = compiled_graphs()
-    fused = run(True)
+    with recording_fused_calls() as calls:
+        fused = run(True)
     assert compiled_graphs() == graphs + 1, "tensors of every shape share one compiled graph"
+    # The kernel ran each of the 4 steps over all 10 tensors (full and padded chunks alike).
+    assert all(len(c.done) == len(shapes) for c in calls.assert_all_fused(calls=4))
     for a, b in zip(fused, run(False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -813,16 +850,21 @@ def test_kernels_called_past_their_wrappers_match_the_wrapped_calls(name, monkey
     direct_params, wrapped_params = make(), make()
     direct = registry.get(name).cls(direct_params, compile=True)
     wrapped = registry.get(name).cls(wrapped_params, compile=True)
-    for step in range(4):
-        g = torch.Generator().manual_seed(step)
-        grads = [torch.randn(p.shape, generator=g) for p in direct_params]
-        for params in (direct_params, wrapped_params):
-            for p, grad in zip(params, grads):
-                p.grad = grad.clone()
-        direct.step()
-        with monkeypatch.context() as m:
-            m.setattr(base, "_direct_calls_allowed", lambda: False)
-            wrapped.step()
+    with recording_fused_calls() as calls:
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            grads = [torch.randn(p.shape, generator=g) for p in direct_params]
+            for params in (direct_params, wrapped_params):
+                for p, grad in zip(params, grads):
+                    p.grad = grad.clone()
+            direct.step()
+            with monkeypatch.context() as m:
+                m.setattr(base, "_direct_calls_allowed", lambda: False)
+                wrapped.step()
+    # Both optimizers ran their kernels over every tensor at every step (else both step eager, and agree).
+    for opt in (direct, wrapped):
+        recorded = calls.assert_all_fused(opt=opt)
+        assert len(recorded) >= 4 and all(len(c.done) == 3 for c in recorded)
     kernels = [k for k in direct._kernels.values() if k is not None]
     assert kernels
     if any(k.direct is None for k in kernels):

@@ -83,8 +83,8 @@ class MFAC(GlobalStepOptimizer):
     because a 16-bit Gram matrix is not accurate enough to factor) and ``momentum_buffer`` (1 word, when
     momentum > 0); ``group["mfac_steps"]`` counts the window writes. 16-bit storage is a loose fit: along a
     window of nearly collinear gradients the inverse magnifies the window's rounding (bfloat16 steps measured
-    off by about their own length from the float32 run's on a small smooth problem). A non-finite gradient stays in the window
-    for m steps (use ``skip_nonfinite=True`` to keep it out).
+    off by about their own length from the float32 run's on a small smooth problem). A non-finite gradient
+    stays in the window for m steps (use ``skip_nonfinite=True`` to keep it out).
 
     Differences from the authors' code: the window is per param group (the authors keep one over all
     params; with one group, the usual case, they are the same); the coefficients come from one Cholesky
