@@ -305,12 +305,15 @@ def test_bfloat16_states_with_stochastic_rounding(info):
     applies(info, "dtypes")
     got, opt = run(info, steps=5, dtype=torch.float32, state_dtype=torch.bfloat16)
     ref, _ = run(info, steps=5, dtype=torch.float32)
-    # Buffers, but for initial points kept exact (exact_states) and one number per tensor (LDoG's growing sum G),
-    # which a method may keep in float32.
+    # Buffers, but for initial points kept exact (exact_states), matrices a root or inverse is taken of
+    # (precise_state_prefixes) and one number per tensor (LDoG's growing sum G), which a method may keep in float32.
+    def kept_precise(k):
+        return k in opt.exact_states or k.startswith(opt.precise_state_prefixes or ("\0",))
+
     floating = [v for s in opt.state.values() for k, v in s.items()
-                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1 and k not in opt.exact_states]
+                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1 and not kept_precise(k)]
     assert all(v.dtype == torch.bfloat16 for v in floating)
-    exact = [v for s in opt.state.values() for k, v in s.items() if k in opt.exact_states]
+    exact = [v for s in opt.state.values() for k, v in s.items() if kept_precise(k)]
     assert all(v.dtype == torch.float32 for v in exact)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

@@ -549,6 +549,9 @@ class Optimizer(torch.optim.Optimizer):
     fusable: ClassVar[bool] = True
     # States made by copy_state (initial points): kept at the param's working precision whatever state_dtype says.
     exact_states: ClassVar[tuple[str, ...]] = ()
+    # States (by key prefix) kept at the param's working precision whatever state_dtype says: matrices whose
+    # rounding a later inverse or root would magnify (Shampoo's factors and roots).
+    precise_state_prefixes: ClassVar[tuple[str, ...]] = ()
     needs_closure: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
 
