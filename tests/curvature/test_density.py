@@ -49,3 +49,21 @@ def test_full_steps_recover_the_exact_spectrum():
     sd = C.spectral_density(A, num_probes=1, steps=30)
     ev = torch.linalg.eigvalsh(A)
     assert torch.allclose(sd.nodes[0], ev, rtol=1e-8, atol=1e-10)
+
+
+def test_moments_exact_for_a_diagonal_matrix_and_error_bars_calibrated():
+    """Rademacher probes give u^T D^p u = mean(d^p) exactly for a diagonal D (u = z / sqrt(n)), and Gauss
+    quadrature with 10 nodes is exact for p < 20: every probe's moment is the spectrum's, with no spread. For a
+    full matrix the error bar must be the error's size over seeds (z-scores with a spread near 1)."""
+    d = torch.linspace(0.1, 3.0, 40, dtype=torch.float64)
+    sd = C.spectral_density(torch.diag(d), num_probes=6, steps=10, seed=0)
+    for p in (1, 2, 5, 9):
+        assert abs(sd.moment(p) - float((d**p).mean())) <= 1e-10 * float((d**p).mean()), p
+        assert sd.moment_stderr(p) <= 1e-10 * float((d**p).mean()), p
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    A = (B + B.T) / 10
+    ref = float((torch.linalg.eigvalsh(A) ** 2).mean())
+    runs = [C.spectral_density(A, num_probes=8, steps=6, seed=s) for s in range(40)]
+    z = torch.tensor([(r.moment(2) - ref) / r.moment_stderr(2) for r in runs])
+    assert abs(float(z.mean())) < 0.6 and 0.6 < float(z.std()) < 1.6
