@@ -46,4 +46,5 @@ def test_edge_of_stability_plateau_at_two_over_eta():
     late = s[steps >= 500]
     assert late.min() > 0.85 * 2 / eta and late.max() < 1.2 * 2 / eta
     assert abs(float(late.mean()) / (2 / eta) - 1) < 0.1
-    assert sum(tr.products) < 12 * len(tr.steps)  # warm starts keep each measurement cheap
+    # Warm starts keep each measurement cheap: 7.0 products a measurement measured, 10.25 without them.
+    assert sum(tr.products) < 8.5 * len(tr.steps)
