@@ -41,6 +41,20 @@ class CrashingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+class NaNSGD(torch.optim.SGD):
+    """A user optimizer whose third step turns the params into NaN (a numerical divergence, not an exception)."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        out = super().step(closure)
+        if self.calls >= 3:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        return out
+
+
 class BadSpaceSGD(torch.optim.SGD):
     """A user optimizer whose search space includes invalid (negative) learning rates."""
 
