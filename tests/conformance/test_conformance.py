@@ -308,7 +308,7 @@ def test_bfloat16_states_with_stochastic_rounding(info):
     # Buffers, but for initial points kept exact (exact_states), matrices a root or inverse is taken of
     # (precise_state_prefixes) and one number per tensor (LDoG's growing sum G), which a method may keep in float32.
     def kept_precise(k):
-        return k in opt.exact_states or k.startswith(opt.precise_state_prefixes or ("\0",))
+        return k in opt.exact_states or k.startswith(opt.precise_state_prefixes)
 
     floating = [v for s in opt.state.values() for k, v in s.items()
                 if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1 and not kept_precise(k)]

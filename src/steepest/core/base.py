@@ -547,7 +547,8 @@ class Optimizer(torch.optim.Optimizer):
     # they always run the eager path, whatever ``compile`` says. So do updates that neither flatten nor take
     # matrix views: the fused path compiles one kernel for every shape, which needs one of those layouts.
     fusable: ClassVar[bool] = True
-    # States made by copy_state (initial points): kept at the param's working precision whatever state_dtype says.
+    # States kept at the param's working precision whatever state_dtype says: initial points (copy_state) and values
+    # differenced against new ones (Adan's previous gradient).
     exact_states: ClassVar[tuple[str, ...]] = ()
     # States (by key prefix) kept at the param's working precision whatever state_dtype says: matrices whose
     # rounding a later inverse or root would magnify (Shampoo's factors and roots).
@@ -657,9 +658,9 @@ class Optimizer(torch.optim.Optimizer):
         lr = group["lr"]
         return float(lr) if isinstance(lr, Tensor) else lr
 
-    def zeros_state(self, p: Tensor) -> Tensor:
-        """A zero buffer shaped like p in the state dtype."""
-        return torch.zeros_like(p, dtype=self.state_dtype_for(p), memory_format=torch.preserve_format)
+    def zeros_state(self, p: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A zero buffer shaped like p in the state dtype (or ``dtype``)."""
+        return torch.zeros_like(p, dtype=dtype or self.state_dtype_for(p), memory_format=torch.preserve_format)
 
     def copy_state(self, p: Tensor) -> Tensor:
         """A copy of p at its working precision, whatever ``state_dtype`` says: an initial point kept for distances
@@ -667,6 +668,11 @@ class Optimizer(torch.optim.Optimizer):
         distance from it: DoG's first distance ||x_1 - x_0|| would be ~1000x its reps_rel start."""
         dtype = working_dtype(p.dtype) if p.is_floating_point() else p.dtype
         return torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(p)
+
+    def precise_dtype_for(self, p: Tensor) -> torch.dtype:
+        """The dtype of p's states that a 16-bit ``state_dtype`` would spoil (differenced against new values, or
+        inverted): the state dtype, raised to p's working precision where it is 16-bit."""
+        return working_dtype(self.state_dtype_for(p))
 
     def state_dtype_for(self, p: Tensor) -> torch.dtype:
         """The dtype state buffers of parameter p are stored in."""

@@ -89,7 +89,7 @@ class Adan(Optimizer):
 
     def init_state(self, p, group):
         return {"exp_avg": self.zeros_state(p), "exp_avg_diff": self.zeros_state(p),
-                "exp_avg_sq": self.zeros_state(p), "prev_grad": self.copy_state(p).zero_()}
+                "exp_avg_sq": self.zeros_state(p), "prev_grad": self.zeros_state(p, self.precise_dtype_for(p))}
 
     def scalars(self, group, step):
         beta1, beta2, beta3 = group["betas"]

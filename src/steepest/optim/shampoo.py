@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..core import checks
 from ..core.base import Optimizer
-from ..core.precision import as_real, is_low_precision, working_copies, working_dtype, write_back_
+from ..core.precision import as_real, working_copies, write_back_
 from ..core.registry import register
 
 # --------------------------------------------------------------------------------------------- shapes and blocks
@@ -296,7 +296,7 @@ class Shampoo(Optimizer):
         # Factors and roots at the param's working precision whatever state_dtype says: a factor of low rank (early
         # in training) has a root ruled by its near-null directions, where a 16-bit factor's rounding lands
         # (bfloat16 factors: roots 96-99% of their largest entry off the float32-state run's after 5 steps).
-        matrix_dtype = working_dtype(r.dtype) if is_low_precision(dtype) else dtype
+        matrix_dtype = self.precise_dtype_for(r)
         for b, (_, dims) in enumerate(self._layout(r, group)):
             for d, n, _ in dims:
                 state[f"factor_{b}_{d}"] = torch.zeros(n, n, dtype=matrix_dtype, device=p.device)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core import checks
 from ..core.base import Optimizer
-from ..core.precision import as_real, is_low_precision, working_copies, working_dtype, write_back_
+from ..core.precision import as_real, working_copies, write_back_
 from ..core.registry import register
 
 
@@ -139,7 +139,7 @@ class SOAP(Optimizer):
             return state
         # The factors and their eigenbases at the param's working precision whatever state_dtype says (a low-rank
         # factor's eigenvectors turn with its rounding; see Shampoo's).
-        matrix_dtype = working_dtype(r.dtype) if is_low_precision(dtype) else dtype
+        matrix_dtype = self.precise_dtype_for(r)
         for d, n in self._layout(tuple(r.shape), group)[1]:
             state[f"GG_{d}"] = torch.zeros(n, n, dtype=matrix_dtype, device=p.device)
             state[f"Q_{d}"] = torch.zeros(n, n, dtype=matrix_dtype, device=p.device)
