@@ -61,6 +61,30 @@ def test_floor_stream_reads_no_gradient_twice_in_a_row(monkeypatch):
     assert all(a is not b for a, b in zip(sources, sources[1:]))
 
 
+# (reads, writes) a step must move per parameter, counted from each method's equations: every method reads p and
+# g and writes p; a state is read if its old value enters the step and written if the step changes it; a word the
+# update must read again after a reduction over its tensor counts twice.
+HAND_COUNTED_WORDS = {
+    "sgd": (3, 2),  # buf <- mu buf + g; p <- p - lr buf
+    "lion": (3, 2),  # p <- p - lr sign(lerp(m, g)); m <- lerp(m, g)
+    "adamw": (4, 3),  # m, v read and written
+    "diffgrad": (5, 4),  # m, v, and g_prev (read for |g_prev - g|, overwritten with g)
+    "adan": (6, 5),  # m, diff, n, g_prev
+    "novograd": (4, 2),  # m; g again after ||g||^2 of its tensor
+    "gravity": (4, 2),  # V; g again after max|g| of its tensor
+    # buf; p, g and buf again after the per-row cosine sums: buf' = mu buf + g is projected in place, so it is
+    # either recomputed from g and buf or stored and read back (a write more)
+    "sgdp": (6, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_COUNTED_WORDS))
+def test_algorithm_words_match_the_equations(name):
+    step_speed = _load("step_speed")
+    info = {i.name: i for i in step_speed.methods()}[name]
+    assert step_speed.algorithm_words(info, dict(info.example_kwargs)) == HAND_COUNTED_WORDS[name]
+
+
 @pytest.mark.parametrize("argv", [["--blocks", "1", "--dim", "32", "--only", "muon", "--steps", "2"],
                                   ["--train", "--blocks", "1", "--dim", "32", "--batch", "2", "--context", "8",
                                    "--only", "muon", "--steps", "2"]])

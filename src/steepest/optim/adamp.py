@@ -203,7 +203,10 @@ class AdamP(Optimizer):
 @register("sgdp", family="first-order",
           paper="Heo et al. 2021, AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant "
                 "Weights", arxiv="2006.08217", reference="clovaai/AdamP (adamp on PyPI)", state_words=1,
-          reread_words=2,  # p, buf: per-row sums of g p, g^2, p^2, p buf, then p <- p - buf
+          # p, g, buf: per-row sums of g p, g^2, p^2, p buf' (buf' = momentum buf + g), then buf' is projected in
+          # place and p <- p - buf'. buf' is needed again after the sums: recomputed from g and buf, or stored and
+          # read back (one more write), one word more than AdamP, whose moments are final before the projection.
+          reread_words=3,
           example_kwargs={"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
           search_space={"lr": ("log", 2e-2, 5.0), "one_minus_momentum": ("log", 1e-3, 0.5),
                         "weight_decay": ("log", 1e-7, 1e-2)})
