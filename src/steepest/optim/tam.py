@@ -30,6 +30,17 @@ def _cosines(xs, ys):
 
 def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
     """s <- decay s + (1-decay) cos(m, g);  m <- momentum m + ((1 + s)/2 + eps) g  (one s per tensor)."""
+    if not mt.compiling() and mt.dot_friendly(list(momentum_buffer) + list(grads) + list(s)) and all(
+            x.shape == (1,) for x in s):
+        # Eager on the CPU, tensor by tensor: m and g are read again for the update right after their dot
+        # products, from the cache rather than from memory, and the per-tensor numbers cost host arithmetic only.
+        for m, g, s_i in zip(momentum_buffer, grads, s):
+            mf, gf = m.reshape(-1), g.reshape(-1)
+            dot, mm, gg = (float(torch.dot(a, b)) for a, b in ((mf, gf), (mf, mf), (gf, gf)))
+            prod = mm**0.5 * gg**0.5
+            s_i.mul_(decay).add_(dot / prod if prod > 0 else 0.0, alpha=1.0 - decay)
+            m.mul_(momentum).add_(g, alpha=(1.0 + float(s_i)) * 0.5 + eps)
+        return
     cos = _cosines(momentum_buffer, grads)
     s_all = torch.cat(list(s))  # (n,), or (n, 2) for complex params viewed as real
     s_all = s_all * decay + cos.reshape(-1, *[1] * (s_all.dim() - 1)) * (1.0 - decay)
