@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import checks
@@ -15,6 +17,23 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
                     decay=False):
     """v <- b2_t v + (1-b2_t) ||g||^2 (b2_t = 0 on the first step: v_1 = ||g_1||^2);
     m <- b1 m + grad_scale (g / sqrt(v + eps) + wd p);  p <- p - lr m."""
+    if not mt.compiling() and mt.dot_friendly(list(grads) + list(exp_avg) + list(exp_avg_sq)):
+        # Eager on the CPU, tensor by tensor: g is read again for the momentum right after its squared norm, from
+        # the cache rather than from memory, and the per-tensor factor costs host arithmetic only.
+        for m, g, v in zip(exp_avg, grads, exp_avg_sq):
+            flat = g.reshape(-1)
+            v.mul_(beta2_t).add_(float(torch.dot(flat, flat)), alpha=1.0 - beta2_t)
+            m.mul_(beta1).add_(g, alpha=grad_scale / math.sqrt(float(v) + eps))
+    else:
+        _normalised_momentum_(grads, exp_avg, exp_avg_sq, beta1=beta1, beta2_t=beta2_t, eps=eps,
+                              grad_scale=grad_scale)
+    if decay:
+        mt.add_(exp_avg, params, grad_scale * weight_decay)
+    mt.add_(params, exp_avg, -lr)
+
+
+def _normalised_momentum_(grads, exp_avg, exp_avg_sq, *, beta1, beta2_t, eps, grad_scale):
+    """v <- b2_t v + (1-b2_t) ||g||^2 and m <- b1 m + grad_scale g / sqrt(v + eps), list by list."""
     sq = mt.squared_norms(grads)
     for v, s in zip(exp_avg_sq, sq):
         v.mul_(beta2_t).add_(s * (1.0 - beta2_t))
@@ -23,9 +42,6 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
         # One pass, no gradient-sized temporary: the per-tensor factor c / sqrt(v + eps) broadcasts inside
         # addcmul_ (v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too).
         m.addcmul_(g, (grad_scale / (v + eps).sqrt()).reshape(v.shape[1:]))
-    if decay:
-        mt.add_(exp_avg, params, grad_scale * weight_decay)
-    mt.add_(params, exp_avg, -lr)
 
 
 @register("novograd", family="first-order",
