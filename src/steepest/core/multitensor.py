@@ -326,12 +326,15 @@ def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
 
 
-def l1_norms(xs: TensorList) -> list[Tensor]:
-    """The l1 norm (sum of absolute values) of each tensor, as 0-dim tensors."""
+def l1_norms(xs: TensorList, scratch: TensorList | None = None) -> list[Tensor]:
+    """The l1 norm (sum of absolute values) of each tensor, as 0-dim tensors. Eager, |x| may be written over
+    ``scratch`` (tensors of xs' shapes and dtypes that the caller no longer needs) instead of a new tensor."""
     if compiling():
         return [wide_sum(x.abs()) for x in xs]
     if dot_friendly(xs):
         # ATen's CPU l1 norm runs at 0.4x the speed of |x| summed and rounds more (16.8M normal floats in 40
         # tensors: 7.2 ms and relative error 1e-5, against 2.9 ms and 1e-7).
-        return [x.abs().sum() for x in xs]
+        if scratch is None:
+            return [x.abs().sum() for x in xs]
+        return [torch.abs(x, out=t).sum() for x, t in zip(xs, scratch)]
     return list(torch._foreach_norm(xs, 1)) if xs else []

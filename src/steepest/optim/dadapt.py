@@ -86,7 +86,9 @@ class DAdaptAdam(GlobalStepOptimizer):
         mt.mul_(s, sqrt_beta2)
         mt.add_(s, g, s_coef)
         mt.one_loop(denom, s)
-        return {"dot": dots, "l1": mt.l1_norms(s)}, denom
+        # Eager, |s| goes over the temporary the dot products are done with: a new model-sized temporary per step
+        # page-faults in.
+        return {"dot": dots, "l1": mt.l1_norms(s, scratch=denom)}, denom
 
     @staticmethod
     def descend(p, g, s, exp_avg, exp_avg_sq, *, decay_coef, step_coef, eps, decoupled, scratch=None):
