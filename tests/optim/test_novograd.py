@@ -121,3 +121,27 @@ def test_layer_second_moment_stays_in_the_working_dtype_under_bfloat16_states():
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_nonfinite_gradient_reaches_only_its_own_tensor(compile):
+    """A NaN entry in one tensor's gradient makes that tensor's norm, factor and step NaN, and leaves the other
+    tensors' steps as they would be without it (skip_nonfinite off); a negative v loaded from a state dict gives
+    a NaN factor too, not an error."""
+    torch.manual_seed(0)
+    clean = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(3)]
+    dirty = [torch.nn.Parameter(p.detach().clone()) for p in clean]
+    o1 = steepest.NovoGrad(clean, lr=0.01, compile=compile)
+    o2 = steepest.NovoGrad(dirty, lr=0.01, compile=compile)
+    for p, q in zip(clean, dirty):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    dirty[1].grad[3, 5] = float("nan")
+    o1.step()
+    o2.step()
+    assert torch.isnan(dirty[1]).all() and torch.isnan(o2.state[dirty[1]]["exp_avg_sq"]).all()
+    for i in (0, 2):
+        torch.testing.assert_close(dirty[i], clean[i], rtol=0, atol=0)
+    o1.state[clean[0]]["exp_avg_sq"].fill_(-1e9)  # b2 v + (1 - b2) ||g||^2 stays negative
+    o1.step()
+    assert torch.isnan(clean[0]).all() and torch.isfinite(clean[2]).all()

@@ -24,7 +24,9 @@ def novograd_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2_t, e
         for m, g, v in zip(exp_avg, grads, exp_avg_sq):
             flat = g.reshape(-1)
             v.mul_(beta2_t).add_(float(torch.dot(flat, flat)), alpha=1.0 - beta2_t)
-            m.mul_(beta1).add_(g, alpha=grad_scale / math.sqrt(float(v) + eps))
+            shifted = float(v) + eps
+            # A NaN (or a negative v loaded from a state dict) gives a NaN factor, as the tensor form does.
+            m.mul_(beta1).add_(g, alpha=grad_scale / math.sqrt(shifted) if shifted >= 0 else math.nan)
     else:
         _normalised_momentum_(grads, exp_avg, exp_avg_sq, beta1=beta1, beta2_t=beta2_t, eps=eps,
                               grad_scale=grad_scale)
