@@ -355,6 +355,18 @@ def test_zero_gradient_gives_no_nan(info):
                 assert torch.isfinite(v).all()
 
 
+def test_numbers_beyond_float32_range_give_infinities_not_errors(info):
+    """lr 1e39 on float32 params: the step's coefficients leave float32's range. ATen refuses such a number as an
+    alpha/value argument, with an error in the middle of a step; the step computes with the infinity instead, as
+    float32 arithmetic (and the compiled path, which takes the numbers as tensors) does: eager and compiled end
+    with the same entries finite."""
+    masks = []
+    for compile in ([False, True] if "compile" not in info.conformance_skip else [False]):
+        params, _ = run(info, steps=2, dtype=torch.float32, lr=1e39, compile=compile)
+        masks.append([torch.isfinite(p) for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[-1]))
+
+
 def test_zero_size_and_frozen_params(info):
     """A zero-size param with a (zero-size) gradient steps without error and changes nothing else; a frozen param
     is left alone: the others take the numbers of a run without either."""

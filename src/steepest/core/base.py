@@ -64,6 +64,9 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
     """
     if maximize:
         grads = mt.neg(grads)
+    if params and not mt.compiling():
+        dtype = working_dtype(params[0].dtype)
+        scalars, wd = _fit_scalars(scalars, dtype), _fit_scalars({"wd": wd}, dtype)["wd"]
     work_p = [working_copy(p) for p in params]
     work_g = [working_copy(g) for g in grads]
     work_s = {k: [working_copy(s) for s in v] for k, v in states.items()}
@@ -78,6 +81,14 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
         for s, w in zip(v, work_s[k]):
             write_back_(s, w, stochastic)
     return outputs
+
+
+def _fit_scalars(scalars: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
+    """The step's numbers through :func:`multitensor.fit`: a finite float beyond ``dtype``'s range (a runaway
+    adapted step size, an lr of 1e39) becomes the infinity of its sign, as on the compiled path, instead of an
+    error in the middle of the step."""
+    changed = {k: mt.fit(v, dtype) for k, v in scalars.items() if type(v) is float}
+    return {**scalars, **changed}
 
 
 def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:

@@ -14,6 +14,7 @@ Helpers whose name ends in ``_`` update their first argument in place.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,6 +82,19 @@ def one_loop(*values: TensorList) -> None:
         for x in slot[1:]:
             tie = tie + x
         returned.append(tie.amax())
+
+
+def fit(value: float, dtype: torch.dtype) -> float:
+    """``value``, or the infinity of its sign where it is a finite float beyond ``dtype``'s range.
+
+    ATen refuses such a number as an ``alpha``/``value``/``weight`` argument (an error in the middle of a step,
+    after some tensors have changed); arithmetic in ``dtype`` gives the infinity, as the compiled path, which
+    takes the step's numbers as tensors, does.
+    """
+    if type(value) is float and dtype.is_floating_point and math.isfinite(value) and math.fabs(value) > torch.finfo(
+            dtype).max:
+        return math.copysign(math.inf, value)
+    return value
 
 
 def _is_tensor(s: object) -> bool:

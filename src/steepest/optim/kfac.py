@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import checks
+from ..core import multitensor as mt
 from ..core.global_step import GlobalStepOptimizer
 from ..core.precision import working_dtype
 from ..core.registry import register
@@ -222,7 +223,7 @@ class LayerHookOptimizer(GlobalStepOptimizer):
             buf = bucket.s["momentum_buffer"][i]
             buf.mul_(mu).add_(d)
             d = buf
-        p.add_(d, alpha=-lr)
+        p.add_(d, alpha=mt.fit(-lr, p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict plus this optimizer's entry: the step count and each layer's state."""

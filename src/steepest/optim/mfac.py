@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks
+from ..core import multitensor as mt
 from ..core.global_step import Bucket, GlobalStepOptimizer
 from ..core.precision import is_low_precision
 from ..core.registry import register
@@ -175,6 +176,6 @@ class MFAC(GlobalStepOptimizer):
                 v = b.s["momentum_buffer"][i]
                 v.mul_(mu).add_(u, alpha=1 - mu)
                 u = v
-            b.p[i].add_(u, alpha=-lr)
+            b.p[i].add_(u, alpha=mt.fit(-lr, u.dtype))
         for b in buckets:
             b.write_back()

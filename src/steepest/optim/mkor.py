@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import checks
+from ..core import multitensor as mt
 from ..core.precision import working_dtype
 from ..core.registry import register
 from .kfac import Layer, LayerHookOptimizer
@@ -255,7 +256,7 @@ class MKOR(LayerHookOptimizer):
         m.mul_(beta1).add_(d, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
         denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(b.group["eps"])
-        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+        p.addcdiv_(m, denom, value=mt.fit(-lr / (1.0 - beta1**t), p.dtype))
 
     def init_state(self, p, group):
         if group["inner"] == "adam":

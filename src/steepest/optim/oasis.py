@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks
+from ..core import multitensor as mt
 from ..core.global_step import Bucket, total
 from ..core.registry import register
 from .adahessian import HessianDiagonalOptimizer, ema_
@@ -160,7 +161,7 @@ class OASIS(HessianDiagonalOptimizer):
                     b.s["prev_param"][i].copy_(b.p[i])
                     b.s["prev_grad"][i].copy_(b.g[i])
             for p, g, d in zip(b.p, b.g, dh):
-                p.addcdiv_(g, d, value=-eta)
+                p.addcdiv_(g, d, value=mt.fit(-eta, p.dtype))
             b.write_back()
             for x in b.params:
                 self.state[x]["step"] += 1

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core import checks
+from ..core import multitensor as mt
 from ..core.base import Optimizer
 from ..core.precision import as_real, working_copies, write_back_
 from ..core.registry import register
@@ -175,9 +176,9 @@ class SOAP(Optimizer):
                 norm_grad = project((m / denom).reshape(shape), Q, back=True).reshape(g.shape)
                 if group["normalize_grads"]:
                     norm_grad = norm_grad / (1e-30 + torch.mean(norm_grad**2) ** 0.5)
-                w["param"].add_(norm_grad, alpha=-step_size)
+                w["param"].add_(norm_grad, alpha=mt.fit(-step_size, norm_grad.dtype))
                 if group["weight_decay"] > 0.0:
-                    w["param"].add_(w["param"], alpha=-lr * group["weight_decay"])
+                    w["param"].add_(w["param"], alpha=mt.fit(-lr * group["weight_decay"], norm_grad.dtype))
             w["refresh"] = s > 0 and s % group["precondition_frequency"] == 0 and bool(dims)
             if w["refresh"]:  # m back to the original basis; it is rotated into the new one below
                 st["exp_avg"].copy_(project(st["exp_avg"].reshape(shape), Q, back=True).reshape(g.shape))
