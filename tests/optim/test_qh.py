@@ -134,6 +134,29 @@ def test_qhadam_matches_qhoptim_and_paper(kwargs, compile):
     close(got, paper_qhadam(arrays, **kwargs))
 
 
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("nus", [(0.7, 1.0), (1.0, 1.0)])
+def test_qhadam_overflowing_squared_gradient_follows_qhoptim(nus, compile):
+    """A float32 gradient of 1e25 squares to inf (however the weight is applied): v turns infinite and the step 0,
+    as in qhoptim, and stays so (a lerp from the infinite v, inf - inf, made the parameters NaN)."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(2)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1 = steepest.QHAdam(ours, lr=1e-2, nus=nus, compile=compile)
+    o2 = qhoptim.QHAdam(theirs, lr=1e-2, nus=nus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for scale in (1.0, 1.0, 1e25, 1.0):
+            for p, q in zip(ours, theirs):
+                p.grad = torch.randn_like(p) * scale
+                q.grad = p.grad.clone()
+            o1.step()
+            o2.step()
+    for p, q in zip(ours, theirs):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_qhadam_with_unit_nus_is_adam():
     arrays = make_arrays(2)
     close(run_torch(lambda ps: steepest.QHAdam(ps, lr=1e-2, nus=(1.0, 1.0)), arrays),

@@ -74,21 +74,28 @@ class QHM(Optimizer):
         return {"wd_type": group["weight_decay_type"] if group["weight_decay"] != 0 else "none"}
 
 
-def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, eps, wd, wd_type="none"):
+def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, eps, wd, wd_type="none",
+                  nu1_one=False, nu2_one=False):
     """Bias-corrected EMAs m, v (weights w = (1-beta)/(1-beta^t)), then
-    p <- p - lr [nu1 m + (1-nu1) g] / (sqrt(nu2 v + (1-nu2) g^2) + eps)."""
+    p <- p - lr [nu1 m + (1-nu1) g] / (sqrt(nu2 v + (1-nu2) g^2) + eps).
+
+    With nu1 = 1 (nu2 = 1) the mix is m (v) itself, no pass for it. The second moments are scaled sums, as in the
+    authors' code, not lerps: a float32 gradient above 1.8e19 squares to inf, and v then stays inf (the step 0),
+    where a lerp from an infinite v is inf - inf = NaN."""
     if wd_type == "decoupled":
         mt.mul_(params, 1.0 - lr * wd)
     elif wd_type == "l2":
         grads = mt.add(grads, params, alpha=wd)
-    # Each weighted sum (1 - w) a + w b is one lerp: one pass over memory instead of a scale and an add.
-    grads_sq = mt.mul(grads, grads)
     mt.lerp_(exp_avg, grads, w1)
-    mt.lerp_(exp_avg_sq, grads_sq, w2)
-    avg_grad = mt.lerp(grads, exp_avg, nu1)
-    mt.lerp_(grads_sq, exp_avg_sq, nu2)  # avg_rms, over the temporary
-    denom = grads_sq
-    mt.sqrt_(denom)
+    mt.mul_(exp_avg_sq, 1.0 - w2)
+    mt.addcmul_(exp_avg_sq, grads, grads, w2)
+    avg_grad = exp_avg if nu1_one else mt.lerp(grads, exp_avg, nu1)
+    if nu2_one:
+        denom = mt.sqrt(exp_avg_sq)
+    else:
+        denom = mt.mul(exp_avg_sq, nu2)  # avg_rms
+        mt.addcmul_(denom, grads, grads, 1.0 - nu2)
+        mt.sqrt_(denom)
     mt.add_scalar_(denom, eps)
     mt.addcdiv_(params, avg_grad, denom, -lr)
 
@@ -137,6 +144,8 @@ class QHAdam(Optimizer):
                     nu1=nu1, nu2=nu2, eps=group["eps"], wd=group["weight_decay"])
 
     def static_options(self, group):
+        nu1, nu2 = group["nus"]
+        mixes = {"nu1_one": nu1 == 1, "nu2_one": nu2 == 1}
         if group["weight_decay"] == 0:
-            return {"wd_type": "none"}
-        return {"wd_type": "decoupled" if group["decoupled_weight_decay"] else "l2"}
+            return {"wd_type": "none", **mixes}
+        return {"wd_type": "decoupled" if group["decoupled_weight_decay"] else "l2", **mixes}
