@@ -913,3 +913,50 @@ def test_compiled_reductions_accumulate_in_float64():
     for name, value in compiled.items():
         assert value.dtype == torch.float32
         assert torch.equal(value, expected[name]), (name, value.item(), expected[name].item())
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("name", ["dog", "alr_smag", "prodigy"])
+def test_global_step_update_pass_runs_from_the_last_tensor(name, compile, monkeypatch):
+    """The pass after a whole-model reduction takes the tensors from last to first (those the reduction read last
+    are still in the last-level cache), in its kernels' chunks and its eager pieces; the numbers are the forward
+    order's, bit for bit."""
+    from steepest.core import global_step
+
+    cls = steepest.get(name).cls
+
+    class Forward(cls):
+        def run_pass(self, *args, reverse=False, **kwargs):
+            return super().run_pass(*args, reverse=False, **kwargs)
+
+    def train(opt, params):
+        for t in range(3):
+            for p in params:
+                p.grad = torch.cos(p.detach() * (t + 2))
+            opt.step((lambda: torch.tensor(1.0)) if cls.needs_closure else None)
+
+    shapes = [(300_000,)] * 3 if not compile else SHAPES_10  # eager: pieces of about 2**18 elements, one a tensor
+    ref = _offset_params(shapes)
+    train(Forward(ref, compile=compile), ref)
+    params = _offset_params(shapes)
+    opt = cls(params, compile=compile)
+    order = {id(p): i for i, p in enumerate(params)}
+    seen = []
+    original = global_step._apply_update
+
+    def recorded(fn, ps, *args, **kwargs):
+        seen.append((fn.__name__, [order.get(id(p)) for p in ps]))
+        return original(fn, ps, *args, **kwargs)
+
+    monkeypatch.setattr(global_step, "_apply_update", recorded)
+    with recording_fused_calls() as calls:
+        train(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref))
+    if compile:
+        # Per step: the reducing pass's kernels from the first tensor, the update pass's from the last chunk.
+        fused = calls.assert_all_fused(opt=opt)
+        steady = fused[-2:]
+        assert steady[0].done == sorted(steady[0].done) and steady[1].done[0] > steady[1].done[-1]
+    else:
+        pieces = [idx for fn, idx in seen if fn == "descend"][-3:]  # the last step's
+        assert pieces == [[2], [1], [0]]

@@ -987,7 +987,8 @@ class Optimizer(torch.optim.Optimizer):
         return slots[1]
 
     def _run_fused(self, params, grads, states, scalars, wd, plan: _FusedPlan, device, options,
-                   update: Callable | None = None, outputs: dict[str, dict[int, Tensor]] | None = None) -> list[int]:
+                   update: Callable | None = None, outputs: dict[str, dict[int, Tensor]] | None = None,
+                   reverse: bool = False) -> list[int]:
         """The compiled update over params[plan.order], one kernel call per chunk, over flat (or matrix) views of
         its tensors: one graph for every shape and storage offset (per shape, each rank and size pattern would
         compile for seconds). Returns the indices it updated; the caller steps the others eager.
@@ -1006,7 +1007,7 @@ class Optimizer(torch.optim.Optimizer):
         # Writes through aliases are counted on the tensors they land in, as an in-place op counts them: autograd
         # then refuses a backward through a param the step has changed, as after an eager step.
         changed: list[Tensor] = []
-        for chunk in plan.chunks:
+        for chunk in reversed(plan.chunks) if reverse else plan.chunks:
             if chunk.layout not in kernels:
                 kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout, len(chunk.params)), options, chunk,
                                                           grads, tscalars, twd, update)

@@ -179,7 +179,8 @@ class GlobalStepOptimizer(Optimizer):
         return out
 
     def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],
-                 *, elementwise: bool = False, fuse: bool = True, **static: Any) -> dict[str, list[Tensor]]:
+                 *, elementwise: bool = False, fuse: bool = True, reverse: bool = False,
+                 **static: Any) -> dict[str, list[Tensor]]:
         """One pass ``fn(p, g, **states, **scalars, **static)`` over a part's tensors, with ``maximize``, float32
         working copies and write-back as every update has them; returns fn's per-tensor reductions (a dict of
         lists of 0-dim tensors, in the part's order).
@@ -190,7 +191,10 @@ class GlobalStepOptimizer(Optimizer):
         reduces (a kernel runs all its reductions before its update loops, which read the tensors again: one
         tensor per call keeps that second read small enough for the cache to help), a few per call for an
         ``elementwise`` one. ``fuse=False`` runs it eager whatever ``compile`` says (a pass that
-        runs once, at a first step, is not worth a compile there).
+        runs once, at a first step, is not worth a compile there). ``reverse`` takes the tensors from last to first:
+        a pass after one that read the whole model then starts on the tensors still in the last-level cache, and
+        the next step's first pass on those it left there (DoG, ALR-SMAG, Prodigy, compiled and eager: 0.95-0.98
+        of the step time with both passes forward).
         """
         options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
                        stochastic=self.stochastic_rounding)
@@ -200,9 +204,10 @@ class GlobalStepOptimizer(Optimizer):
             plan = self._fused_plan(part.group, part.p, part.g, part.s, elementwise)
             if plan.order:
                 done = set(self._run_fused(part.p, part.g, part.s, scalars, 0.0, plan, part.p[0].device, options,
-                                           update=fn, outputs=outputs))
+                                           update=fn, outputs=outputs, reverse=reverse))
                 todo = [i for i in todo if i not in done]
-        for run in chunk_runs([part.p[i].numel() for i in todo]):
+        runs = chunk_runs([part.p[i].numel() for i in todo])
+        for run in reversed(runs) if reverse else runs:
             idx = [todo[j] for j in run]
             result = _apply_update(fn, [part.p[i] for i in idx], [part.g[i] for i in idx],
                                    {k: [v[i] for i in idx] for k, v in part.s.items()}, scalars, 0.0, **options)

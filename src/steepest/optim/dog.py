@@ -103,7 +103,8 @@ class DoG(GlobalStepOptimizer):
 
     def _descend(self, group, part, eta):
         decay = group["weight_decay"]
-        self.run_pass(part, type(self).descend, dict(decay=decay, eta=eta), elementwise=True, l2=decay != 0)
+        self.run_pass(part, type(self).descend, dict(decay=decay, eta=eta), elementwise=True, l2=decay != 0,
+                      reverse=True)
 
     def _group_step(self, group, parts):
         first = "rbar" not in group
@@ -123,7 +124,7 @@ class DoG(GlobalStepOptimizer):
         if first and group["init_eta"] is not None:
             eta = group["init_eta"]
         group.update(rbar=rbar, G=G, eta=eta)
-        for part in parts:
+        for part in reversed(parts):  # from the tensors the norms' pass read last, still in the cache
             self._descend(group, part, eta)
 
 

@@ -127,8 +127,8 @@ class ALRSMAG(GlobalStepOptimizer):
             lr = self.lr(group)
             etas[id(group)] = lr if ratio > lr else ratio
         self.last_step_sizes = list(etas.values())
-        for part in parts:
+        for part in reversed(parts):  # from the tensors the first pass read last, still in the cache
             eta, decay = etas[id(part.group)], part.group["weight_decay"]
             self.run_pass(part, type(self).descend, dict(eta=eta, decay_factor=1.0 - eta * decay), elementwise=True,
-                          decayed=decay != 0)
+                          decayed=decay != 0, reverse=True)
         return loss

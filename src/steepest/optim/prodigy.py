@@ -149,10 +149,11 @@ class Prodigy(GlobalStepOptimizer):
             d = min(d_max, d * growth_rate)
         for group in self.param_groups:
             group.update(d_numerator=d_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat, k=k + 1)
-        for part in parts:
+        for part in reversed(parts):  # from the tensors the moments' pass read last, still in the cache
             decay = part.group["weight_decay"]
             self.run_pass(part, type(self).descend,
                           dict(d_eps=d * part.group["eps"], decay=decay, decay_coef=-decay * dlr,
                                step_coef=-dlr if beta1 > 0 else -dlr * d),
-                          elementwise=True, l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple)
+                          elementwise=True, l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple,
+                          reverse=True)
         self.count_step(parts)
