@@ -162,6 +162,9 @@ def ldog_update(params, grads, x0, rbar, G, eta, *, lr, eps, reps_rel, decay, fi
         eta_all = torch.where(first > 0, torch.zeros_like(eta_all) + init_eta, eta_all)
     elif fixed_first_eta and first:
         eta_all = torch.full_like(eta_all, init_eta)
+    # Compiled, eta is computed once into a buffer, not again (a root, a division, selects) for every vector of the
+    # tensor's loop.
+    eta_all = mt.realize(eta_all)
     mt.copy_(rbar, list(rbar_all.split(1)))
     mt.copy_(G, list(G_all.split(1)))
     mt.copy_(eta, list(eta_all.split(1)))

@@ -44,7 +44,9 @@ def _normalised_momentum_(grads, exp_avg, exp_avg_sq, *, beta1, beta2_t, eps, gr
     for m, g, v in zip(exp_avg, grads, exp_avg_sq):
         # One pass, no gradient-sized temporary: the per-tensor factor c / sqrt(v + eps) broadcasts inside
         # addcmul_ (v has shape (1,); without its leading dim it broadcasts to 0-dim tensors too).
-        m.addcmul_(g, (grad_scale / (v + eps).sqrt()).reshape(v.shape[1:]))
+        # Compiled, the factor is computed once into a buffer, not again (a root and a division) for every vector
+        # of the tensor's loop.
+        m.addcmul_(g, mt.realize((grad_scale / (v + eps).sqrt()).reshape(v.shape[1:])))
 
 
 @register("novograd", family="first-order",
