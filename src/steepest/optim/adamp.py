@@ -66,7 +66,8 @@ def _small_cosine_view(p, grad, delta, eps):
     """The first view, in the authors' order (output channels, then the whole tensor), whose largest |cos(g, p)|
     is below delta/sqrt(view size), as (view rows, ||p|| per row); None if neither (one host read per view).
 
-    The cosines come from per-row dot products and norms (the whole tensor's are their totals), the numbers of
+    The cosines come from per-row dot products and norms (the whole tensor's are their totals, taken on the host:
+    a dozen 1-element tensor ops there cost more than the rows' reductions on a small tensor), the numbers of
     ``cosine_similarity`` up to rounding.
     """
     rows = p.shape[0]
@@ -74,12 +75,13 @@ def _small_cosine_view(p, grad, delta, eps):
     # vecdot, not einsum: einsum runs a row-wise dot as a batched matrix product, 4x slower here.
     dot = torch.linalg.vecdot(gv, pv)
     g_norm, p_norm = torch.linalg.vector_norm(gv, dim=1), torch.linalg.vector_norm(pv, dim=1)
-    views = ((rows, dot, g_norm, p_norm),
-             (1, dot.sum().view(1), g_norm.square().sum().sqrt().view(1), p_norm.square().sum().sqrt().view(1)))
-    for view_rows, d, gn, pn in views:
-        cos = (d / (gn.clamp_min(eps) * pn.clamp_min(eps))).abs()
-        if cos.max() < delta / math.sqrt(p.numel() // view_rows):
-            return view_rows, pn
+    cos = dot.abs().div_(g_norm.clamp_min(eps).mul_(p_norm.clamp_min(eps)))
+    if float(cos.max()) < delta / math.sqrt(p.numel() // rows):
+        return rows, p_norm
+    g_total = math.sqrt(float(torch.dot(g_norm, g_norm)))
+    p_total = math.sqrt(float(torch.dot(p_norm, p_norm)))
+    if abs(float(dot.sum())) / (max(g_total, eps) * max(p_total, eps)) < delta / math.sqrt(p.numel()):
+        return 1, p_norm.new_full((1,), p_total)
     return None
 
 
