@@ -53,6 +53,18 @@ def test_bad_hyperparameters_raise_naming_the_parameter(info):
             make_opt(info, params, **{key: bad})
 
 
+def test_torch_implementation_switches_accepted_at_torch_defaults_refused_otherwise(info):
+    """A line written for torch.optim (foreach=None, fused=None, capturable=False, differentiable=False) runs as it
+    is; asking for one of torch's kernels names compile=, the switch that does it here."""
+    make_opt(info, make_params(), foreach=None, fused=None, capturable=False, differentiable=False)
+    for key in ("fused", "foreach"):
+        with pytest.raises(TypeError, match=rf"{key}=True .*compile="):
+            make_opt(info, make_params(), **{key: True})
+    for key in ("capturable", "differentiable"):
+        with pytest.raises(TypeError, match=rf"{key}=True .*not supported"):
+            make_opt(info, make_params(), **{key: True})
+
+
 def test_invalid_param_group_changes_nothing(info):
     params = make_params()
     opt = make_opt(info, params[:2])

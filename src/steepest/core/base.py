@@ -83,6 +83,24 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
     return outputs
 
 
+def _refuse_torch_options(name: str, *, foreach: Any, fused: Any, capturable: Any, differentiable: Any) -> None:
+    """torch.optim's implementation switches, accepted at torch's defaults (a line written for torch.optim runs
+    as it is) and refused otherwise with what to write instead."""
+    kernel = ("here compile= chooses the kernel: True runs the update as one compiled (fused) kernel, False as "
+              "eager for-each (multi-tensor) ops, 'auto' (the default) compiles from 1M parameters up, "
+              "'background' compiles while the first steps run eager")
+    if fused is not None:
+        raise TypeError(f"{name}: fused={fused!r} is torch.optim's switch for its own kernels; {kernel}")
+    if foreach is not None:
+        raise TypeError(f"{name}: foreach={foreach!r} is torch.optim's switch for its own kernels; {kernel}")
+    if capturable is not False:
+        raise TypeError(f"{name}: capturable={capturable!r} (a step captured in a CUDA graph) is not supported; "
+                        f"leave it out")
+    if differentiable is not False:
+        raise TypeError(f"{name}: differentiable={differentiable!r} (autograd through the step) is not supported; "
+                        f"leave it out")
+
+
 def _fit_scalars(scalars: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
     """The step's numbers through :func:`multitensor.fit`: a finite float beyond ``dtype``'s range (a runaway
     adapted step size, an lr of 1e39) becomes the infinity of its sign, as on the compiled path, instead of an
@@ -569,10 +587,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, compile: bool | str = "auto",
                  skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None,
-                 stochastic_rounding: bool | None = None) -> None:
+                 stochastic_rounding: bool | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
         name = type(self).__name__
         if compile not in ("auto", True, False, "background"):
             raise ValueError(f"{name}: compile must be 'auto', True, False or 'background', got {compile!r}")
+        _refuse_torch_options(name, foreach=foreach, fused=fused, capturable=capturable,
+                              differentiable=differentiable)
         checks.boolean("skip_nonfinite", skip_nonfinite)
         if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16,
                                                           torch.float16):
