@@ -960,3 +960,23 @@ def test_global_step_update_pass_runs_from_the_last_tensor(name, compile, monkey
     else:
         pieces = [idx for fn, idx in seen if fn == "descend"][-3:]  # the last step's
         assert pieces == [[2], [1], [0]]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+def test_scaled_products_are_taken_in_atens_order(compile):
+    """value * a * b is (value a) b, as ATen's addcmul computes it: with float32 gradients of 1e20, a * b alone
+    overflows, (1 - b2) g first does not. Both paths follow torch.optim.AdamW, whose second moment stays finite."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = steepest.AdamW(ours, lr=1e-2, compile=compile)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=True)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p) * 1e20
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        assert torch.isfinite(opt.state[p]["exp_avg_sq"]).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -398,7 +398,7 @@ def test_defaults_and_start_step():
     q = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
     r = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
     o1 = steepest.Shampoo([q], lr=1e-2, eps=1e-8, grafting_eps=1e-8)
-    o2 = steepest.AdamW([r], lr=1e-2, eps=1e-8)
+    o2 = steepest.AdamW([r], lr=1e-2, eps=1e-8, weight_decay=0.0)
     for t in range(5):
         g = torch.cos(torch.arange(12.0, dtype=torch.float64).reshape(4, 3) * (t + 1))
         q.grad, r.grad = g.clone(), g.clone()

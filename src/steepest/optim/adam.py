@@ -83,11 +83,16 @@ class AdamW(_AdamBase):
 
     ``amsgrad=True`` uses max(v_1..v_t) in the denominator (Reddi et al. 2018, arXiv 1904.09237).
     eps sits outside the square root and is added after dividing by sqrt(1-b2^t), as in the paper's
-    Algorithm 2 and torch.optim.AdamW. Defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
-    weight_decay 0 (decoupled, scaled by lr). State: exp_avg, exp_avg_sq (2 words; 3 with amsgrad).
+    Algorithm 2 and torch.optim.AdamW. Defaults: torch.optim.AdamW's, lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    weight_decay 1e-2 (decoupled, scaled by lr). State: exp_avg, exp_avg_sq (2 words; 3 with amsgrad).
     """
 
     weight_decay_mode = "decoupled"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                 *, maximize=False, **engine):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, **engine)
 
 
 @register("adam", family="first-order", paper="Kingma & Ba 2015, Adam: A Method for Stochastic Optimization",

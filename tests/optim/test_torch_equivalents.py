@@ -1,0 +1,69 @@
+"""SGD, Adam and AdamW against torch.optim's own implementations: trajectories step for step, and defaults."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import steepest
+
+SHAPES = [(40, 30), (17,), (5, 4, 2), (300,)]
+STEPS = 25
+
+CASES = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.5, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.05, momentum=0.9, maximize=True)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, amsgrad=True)),
+    ("Adam", dict(lr=1e-2, maximize=True)),
+    ("AdamW", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
+]
+
+
+def run(make_opt, dtype, steps=STEPS):
+    """Params of SHAPES in dtype after ``steps`` steps of a smooth non-quadratic loss's gradient that changes with
+    the step (computed in float64 from the current point, then cast)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in SHAPES]
+    opt = make_opt(params)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            x = p.detach().double()
+            scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=torch.float64).reshape(p.shape)
+            p.grad = (2 * scale * (x - 0.3) + 0.3 * torch.cos(3 * x + 0.1 * t)).to(dtype)
+        opt.step()
+    return params
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("name, kwargs", CASES)
+def test_eager_trajectory_equals_torch_optim(name, kwargs, dtype, rtol):
+    ours = run(lambda ps: getattr(steepest, name)(ps, compile=False, **kwargs), dtype)
+    theirs = run(lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs), dtype)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[3], CASES[6], CASES[9]])
+def test_fused_trajectory_equals_torch_optim(name, kwargs):
+    ours = run(lambda ps: getattr(steepest, name)(ps, compile=True, **kwargs), torch.float32)
+    theirs = run(lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs), torch.float32)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_defaults_are_torch_optims(name):
+    """A swap of torch.optim.X(params, lr=...) for steepest.X keeps every other hyperparameter."""
+    ours = inspect.signature(getattr(steepest, name).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    shared = [k for k in theirs if k in ours and k not in ("self", "params")]
+    assert {"lr", "weight_decay", "maximize"} <= set(shared)
+    for key in shared:
+        assert ours[key].default == theirs[key].default, key
