@@ -67,3 +67,32 @@ def test_defaults_are_torch_optims(name):
     assert {"lr", "weight_decay", "maximize"} <= set(shared)
     for key in shared:
         assert ours[key].default == theirs[key].default, key
+
+
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[2], CASES[3], CASES[6], CASES[9]])
+def test_state_dict_moves_between_torch_optim_and_steepest(name, kwargs, direction):
+    """Three steps by one, a state_dict, three more by the other: the run of torch.optim alone (torch.optim.SGD
+    counts no steps and keeps no buffer without momentum; its state_dict loads all the same)."""
+    ours, theirs = getattr(steepest, name), getattr(torch.optim, name)
+    first, second = (theirs, ours) if direction == "from_torch" else (ours, theirs)
+    want = run(lambda ps: theirs(ps, **kwargs), torch.float64, steps=6)
+
+    got = run(lambda ps: _Handover(first(ps, **kwargs), lambda: second(ps, **kwargs)), torch.float64, steps=6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+class _Handover:
+    """Steps ``opt`` three times, then hands its state_dict to the optimizer ``make()`` builds and steps that."""
+
+    def __init__(self, opt, make):
+        self.opt, self.make, self.steps = opt, make, 0
+
+    def step(self):
+        if self.steps == 3:
+            nxt = self.make()
+            nxt.load_state_dict(self.opt.state_dict())
+            self.opt = nxt
+        self.opt.step()
+        self.steps += 1

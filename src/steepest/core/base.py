@@ -572,6 +572,9 @@ class Optimizer(torch.optim.Optimizer):
     matrix_view: ClassVar[bool] = False
     # The update couples no two tensors, so the fused path may compile one tensor at a time.
     per_tensor: ClassVar[bool] = True
+    # The step count only tells the first step from the others, so a state_dict of an optimizer that counts no
+    # steps (torch.optim.SGD) loads, as a state that has stepped.
+    loads_stepless_state: ClassVar[bool] = False
     # False for methods whose step is not a good compile target (matrix decompositions, host-side reductions):
     # they always run the eager path, whatever ``compile`` says. So do updates that neither flatten nor take
     # matrix views: the fused path compiles one kernel for every shape, which needs one of those layouts.
@@ -1104,6 +1107,7 @@ class Optimizer(torch.optim.Optimizer):
             for sid, p in zip(saved["params"], group["params"]):
                 id_map[sid] = (p, merged)
         exact: list[tuple[Tensor, str, Tensor, torch.dtype]] = []
+        states = {}
         for sid, st in state_dict["state"].items():
             if sid not in id_map:
                 raise ValueError(f"{name}: the state_dict has state for parameter id {sid!r}, which no param "
@@ -1111,6 +1115,12 @@ class Optimizer(torch.optim.Optimizer):
             p, group = id_map[sid]
             template = self.init_state(torch.empty_like(p, device="meta"), group)
             expected = set(template) | {"step"}
+            # torch.optim.SGD keeps momentum_buffer None without momentum, and counts no steps: a buffer it has
+            # says it has stepped.
+            st = {k: v for k, v in st.items() if v is not None}
+            if self.loads_stepless_state and "step" not in st and set(st) == set(template):
+                st["step"] = 1
+            states[sid] = st
             if set(st) != expected:
                 raise ValueError(f"{name}: the state of parameter {sid} has keys {sorted(st)}, expected "
                                  f"{sorted(expected)}: the state_dict is from another optimizer or options")
@@ -1121,7 +1131,7 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name}: state {k!r} of parameter {sid} has shape {got}, expected "
                                      f"{tuple(t.shape)} (parameter shape {tuple(p.shape)}): another layout")
                 exact.append((p, k, v, t.dtype))
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": states})
         self._plans.clear()
         for p, k, v, dtype in exact:
             self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)

@@ -36,6 +36,7 @@ class SGD(Optimizer):
                    "weight_decay": checks.nonnegative, "nesterov": checks.boolean}
     weight_decay_mode = "l2"
     update = staticmethod(sgd_update)
+    loads_stepless_state = True  # torch.optim.SGD's state_dicts
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, **engine):
