@@ -104,9 +104,15 @@ def _refuse_torch_options(name: str, *, foreach: Any, fused: Any, capturable: An
 def _fit_scalars(scalars: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
     """The step's numbers through :func:`multitensor.fit`: a finite float beyond ``dtype``'s range (a runaway
     adapted step size, an lr of 1e39) becomes the infinity of its sign, as on the compiled path, instead of an
-    error in the middle of the step."""
-    changed = {k: mt.fit(v, dtype) for k, v in scalars.items() if type(v) is float}
-    return {**scalars, **changed}
+    error in the middle of the step. Returns ``scalars`` itself when every number fits (one comparison each)."""
+    top = _FLOAT_MAX.get(dtype)
+    if top is None or all(type(v) is not float or -top <= v <= top or not math.isfinite(v)
+                          for v in scalars.values()):
+        return scalars
+    return {k: mt.fit(v, dtype) if type(v) is float else v for k, v in scalars.items()}
+
+
+_FLOAT_MAX = {t: torch.finfo(t).max for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
