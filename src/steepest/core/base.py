@@ -66,7 +66,7 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
         grads = mt.neg(grads)
     if params and not mt.compiling():
         dtype = working_dtype(params[0].dtype)
-        scalars, wd = _fit_scalars(scalars, dtype), _fit_scalars({"wd": wd}, dtype)["wd"]
+        scalars, wd = _fit_scalars(scalars, dtype), mt.fit(wd, dtype)
     work_p = [working_copy(p) for p in params]
     work_g = [working_copy(g) for g in grads]
     work_s = {k: [working_copy(s) for s in v] for k, v in states.items()}
@@ -104,15 +104,10 @@ def _refuse_torch_options(name: str, *, foreach: Any, fused: Any, capturable: An
 def _fit_scalars(scalars: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
     """The step's numbers through :func:`multitensor.fit`: a finite float beyond ``dtype``'s range (a runaway
     adapted step size, an lr of 1e39) becomes the infinity of its sign, as on the compiled path, instead of an
-    error in the middle of the step. Returns ``scalars`` itself when every number fits (one comparison each)."""
-    top = _FLOAT_MAX.get(dtype)
-    if top is None or all(type(v) is not float or -top <= v <= top or not math.isfinite(v)
-                          for v in scalars.values()):
+    error in the middle of the step. ``scalars`` itself when every number fits."""
+    if all(mt.fit(v, dtype) is v for v in scalars.values()):
         return scalars
-    return {k: mt.fit(v, dtype) if type(v) is float else v for k, v in scalars.items()}
-
-
-_FLOAT_MAX = {t: torch.finfo(t).max for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    return {k: mt.fit(v, dtype) for k, v in scalars.items()}
 
 
 def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:

@@ -84,15 +84,18 @@ def one_loop(*values: TensorList) -> None:
         returned.append(tie.amax())
 
 
-def fit(value: float, dtype: torch.dtype) -> float:
+_FLOAT_MAX = {t: torch.finfo(t).max for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def fit(value: Scalar, dtype: torch.dtype) -> Scalar:
     """``value``, or the infinity of its sign where it is a finite float beyond ``dtype``'s range.
 
     ATen refuses such a number as an ``alpha``/``value``/``weight`` argument (an error in the middle of a step,
     after some tensors have changed); arithmetic in ``dtype`` gives the infinity, as the compiled path, which
-    takes the step's numbers as tensors, does.
+    takes the step's numbers as tensors, does. One comparison when the number fits.
     """
-    if type(value) is float and dtype.is_floating_point and math.isfinite(value) and math.fabs(value) > torch.finfo(
-            dtype).max:
+    top = _FLOAT_MAX.get(dtype)
+    if top is not None and type(value) is float and not -top <= value <= top and math.isfinite(value):
         return math.copysign(math.inf, value)
     return value
 

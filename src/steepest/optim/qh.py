@@ -145,7 +145,5 @@ class QHAdam(Optimizer):
 
     def static_options(self, group):
         nu1, nu2 = group["nus"]
-        mixes = {"nu1_one": nu1 == 1, "nu2_one": nu2 == 1}
-        if group["weight_decay"] == 0:
-            return {"wd_type": "none", **mixes}
-        return {"wd_type": "decoupled" if group["decoupled_weight_decay"] else "l2", **mixes}
+        wd_type = "none" if group["weight_decay"] == 0 else "decoupled" if group["decoupled_weight_decay"] else "l2"
+        return {"wd_type": wd_type, "nu1_one": nu1 == 1, "nu2_one": nu2 == 1}
