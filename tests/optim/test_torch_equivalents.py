@@ -21,6 +21,7 @@ CASES = [
     ("Adam", dict(lr=1e-2)),
     ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2, amsgrad=True)),
     ("Adam", dict(lr=1e-2, maximize=True)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
     ("AdamW", dict(lr=1e-2)),
     ("AdamW", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
 ]
@@ -50,7 +51,7 @@ def test_eager_trajectory_equals_torch_optim(name, kwargs, dtype, rtol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("name, kwargs", [CASES[3], CASES[6], CASES[9]])
+@pytest.mark.parametrize("name, kwargs", [CASES[3], CASES[6], CASES[8], CASES[10]])
 def test_fused_trajectory_equals_torch_optim(name, kwargs):
     ours = run(lambda ps: getattr(steepest, name)(ps, compile=True, **kwargs), torch.float32)
     theirs = run(lambda ps: getattr(torch.optim, name)(ps, foreach=False, **kwargs), torch.float32)
@@ -70,7 +71,7 @@ def test_defaults_are_torch_optims(name):
 
 
 @pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
-@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[2], CASES[3], CASES[6], CASES[9]])
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[2], CASES[3], CASES[6], CASES[8], CASES[10]])
 def test_state_dict_moves_between_torch_optim_and_steepest(name, kwargs, direction):
     """Three steps by one, a state_dict, three more by the other: the run of torch.optim alone (torch.optim.SGD
     counts no steps and keeps no buffer without momentum; its state_dict loads all the same)."""
@@ -96,3 +97,31 @@ class _Handover:
             self.opt = nxt
         self.opt.step()
         self.steps += 1
+
+
+def test_adam_decoupled_weight_decay_per_group_and_older_state_dicts():
+    """decoupled_weight_decay is a group option as in torch.optim.Adam (one group each way gives torch's two
+    optimizers' runs), and a state_dict written before the option existed loads as L2 decay."""
+    kw = dict(lr=1e-2, weight_decay=0.1)
+
+    def two_groups(make):
+        def build(ps):
+            return make([{"params": ps[:2], "decoupled_weight_decay": True}, {"params": ps[2:]}], **kw)
+        return build
+
+    ours = run(two_groups(lambda groups, **k: steepest.Adam(groups, compile=False, **k)), torch.float64)
+    theirs = run(two_groups(lambda groups, **k: torch.optim.Adam(groups, foreach=False, **k)), torch.float64)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = steepest.Adam(params, compile=False, **kw)
+    params[0].grad = torch.ones(3)
+    opt.step()
+    old = opt.state_dict()
+    del old["param_groups"][0]["decoupled_weight_decay"]
+    fresh = steepest.Adam(params, compile=False, decoupled_weight_decay=True, **kw)
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["decoupled_weight_decay"] is False
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):
+        steepest.Adam(params, decoupled_weight_decay="yes")

@@ -562,6 +562,9 @@ class Optimizer(torch.optim.Optimizer):
     # How the base applies group["weight_decay"]: "decoupled" (p *= 1 - lr*wd before the update, as
     # AdamW), "l2" (g += wd*p, as Adam), or "custom" (the update function handles it).
     weight_decay_mode: ClassVar[str] = "decoupled"
+    # Group options added to a method after its state_dicts were first written, with the value that reproduces the
+    # older behaviour: a state_dict without them still loads.
+    later_defaults: ClassVar[Mapping[str, Any]] = {}
     # The update reads and writes each element independently, so tensors may be flattened.
     elementwise: ClassVar[bool] = True
     # Not elementwise, but its only operations across elements are reductions over a whole tensor (norms,
@@ -646,6 +649,11 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
 
     # ----------------------------------------------------------------------------------- validation
+    def weight_decay_mode_of(self, group: Mapping[str, Any]) -> str:
+        """How ``group``'s weight decay is applied: the class's ``weight_decay_mode`` unless a method lets the group
+        choose."""
+        return self.weight_decay_mode
+
     def _check_hyperparams(self, group: Mapping[str, Any], where: str) -> None:
         name = type(self).__name__
         for key, check in self.hyperparams.items():
@@ -826,8 +834,8 @@ class Optimizer(torch.optim.Optimizer):
         scalars = self.scalars(group, step)
         wd_mode, wd = None, 0.0
         weight_decay = group.get("weight_decay", 0.0)
-        if self.weight_decay_mode != "custom" and weight_decay != 0:
-            wd_mode = self.weight_decay_mode
+        if weight_decay != 0 and (mode := self.weight_decay_mode_of(group)) != "custom":
+            wd_mode = mode
             wd = 1.0 - self.lr(group) * weight_decay if wd_mode == "decoupled" else float(weight_decay)
         options = dict(static=self.static_options(group), maximize=bool(group["maximize"]), wd_mode=wd_mode,
                        stochastic=self.stochastic_rounding)
@@ -1095,10 +1103,13 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: the state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
         id_map: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        filled_groups = []
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{name}: param group {gi} of the state_dict holds {len(saved['params'])} "
                                  f"params, this optimizer's holds {len(group['params'])}")
+            saved = {**self.later_defaults, **saved}
+            filled_groups.append(saved)
             missing = [k for k in self.defaults if k not in saved]
             if missing:
                 raise ValueError(f"{name}: the state_dict is not from a {name} (param group {gi} lacks "
@@ -1132,7 +1143,7 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name}: state {k!r} of parameter {sid} has shape {got}, expected "
                                      f"{tuple(t.shape)} (parameter shape {tuple(p.shape)}): another layout")
                 exact.append((p, k, v, t.dtype))
-        super().load_state_dict({**state_dict, "state": states})
+        super().load_state_dict({**state_dict, "state": states, "param_groups": filled_groups})
         self._plans.clear()
         for p, k, v, dtype in exact:
             self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)

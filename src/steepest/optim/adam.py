@@ -102,7 +102,20 @@ class Adam(_AdamBase):
     """Adam (Kingma & Ba 2015, arXiv 1412.6980), with optional AMSGrad (arXiv 1904.09237).
 
     The update of :class:`AdamW`, with L2 weight decay: g <- g + wd p before the moments, as the paper
-    and torch.optim.Adam. State: exp_avg, exp_avg_sq (2 words; 3 with amsgrad).
+    and torch.optim.Adam. ``decoupled_weight_decay=True`` (torch.optim.Adam's switch, per param group) applies it
+    as AdamW does instead: p *= 1 - lr wd before the update. State: exp_avg, exp_avg_sq (2 words; 3 with amsgrad).
     """
 
     weight_decay_mode = "l2"
+    hyperparams = {**_ADAM_CHECKS, "decoupled_weight_decay": checks.boolean}
+    later_defaults = {"decoupled_weight_decay": False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 *, maximize=False, decoupled_weight_decay=False, **engine):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        Optimizer.__init__(self, params, defaults, **engine)
+
+    def weight_decay_mode_of(self, group):
+        return "decoupled" if group["decoupled_weight_decay"] else "l2"

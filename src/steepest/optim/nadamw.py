@@ -90,7 +90,7 @@ class NAdamW(Optimizer):
     (torch's momentum_decay=0 is not the AlgoPerf form: it is the constant mu = b1/2.)
 
     Defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0 (decoupled, p *= 1 - lr wd before the
-    update, as AlgoPerf and AdamW; AlgoPerf's class defaults to 1e-2, steepest.AdamW's to 0).
+    update, as AlgoPerf and AdamW; AlgoPerf's class defaults to 1e-2, torch.optim.NAdam's to 0).
     State: exp_avg, exp_avg_sq (2 words). Differences from the reference code: AlgoPerf adds the Nesterov
     term into exp_avg and subtracts it again after the step; here exp_avg is never perturbed, so it holds
     m_t exactly. torch.optim.NAdam keeps P_t per parameter (float32 unless the default dtype is float64);
