@@ -123,14 +123,16 @@ def close(got, want, rtol=1e-10):
     # A short memory of g^2 (b2 0.6) lets v fall below its running maximum: amsgrad's prediction differs.
     ("adamw", dict(lr=2e-2, betas=(0.8, 0.6), weight_decay=0.05, amsgrad=True)),
     ("adam", dict(lr=2e-2, betas=(0.9, 0.6), amsgrad=True, steps_ahead=2)),
+    # torch.optim.Adam's switch: the decay and the prediction are AdamW's.
+    ("adam", dict(lr=2e-2, weight_decay=0.05, decoupled_weight_decay=True, steps_ahead=2)),
 ])
 def test_xgrad_adam_matches_numpy_transcription(base, kwargs):
     arrays = make_arrays()
     got, losses = run_torch(lambda ps: steepest.XGrad(ps, base=base, **kwargs), arrays)
-    oracle = {k: v for k, v in kwargs.items() if k != "steps_ahead"}
+    oracle = {k: v for k, v in kwargs.items() if k not in ("steps_ahead", "decoupled_weight_decay")}
     oracle.setdefault("weight_decay", 1e-2 if base == "adamw" else 0.0)  # the base's defaults (torch.optim's)
-    want, want_losses = numpy_xgrad_adam(arrays, s=kwargs.get("steps_ahead", 1), decoupled=base == "adamw",
-                                         **oracle)
+    decoupled = base == "adamw" or kwargs.get("decoupled_weight_decay", False)
+    want, want_losses = numpy_xgrad_adam(arrays, s=kwargs.get("steps_ahead", 1), decoupled=decoupled, **oracle)
     close(got, want)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
 

@@ -165,7 +165,7 @@ class XGradAdam(XGrad, Adam):
     hyperparams = {**Adam.hyperparams, "steps_ahead": _STEPS_AHEAD}
 
     def _direction(self, group, params):
-        return _adam_direction(self, group, params, decoupled=False)
+        return _adam_direction(self, group, params, decoupled=group["decoupled_weight_decay"])
 
 
 class XGradAdamW(XGrad, AdamW):
