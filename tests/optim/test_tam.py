@@ -159,3 +159,25 @@ def test_tam_and_adatam_minimise_a_noisy_quadratic():
             p.grad += 0.01 * torch.randn(30, generator=gen, dtype=torch.float64)
             opt.step()
         assert float(0.5 * (scales * p.detach() ** 2).sum()) < 1e-2 * start
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("cls", [steepest.TAM, steepest.AdaTAM, steepest.AdaTAMW])
+def test_gradients_whose_squares_overflow_float32_keep_the_cosine(cls, compile):
+    """float32 gradients of ~1e20 (squares beyond float32's range): the cosine is the float64 run's (it is
+    scale-free), not inf / inf, and the params stay finite."""
+    def run(dtype):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in SHAPES]
+        grads = [[torch.randn(s, generator=g, dtype=torch.float64) * 1e20 for s in SHAPES] for _ in range(4)]
+        opt = cls(params, lr=1e-3, compile=compile if dtype == torch.float32 else False)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.to(dtype)
+            opt.step()
+        return params, [opt.state[p]["s"].item() for p in params]
+
+    params, s32 = run(torch.float32)
+    _, s64 = run(torch.float64)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert s32 == pytest.approx(s64, rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import checks
@@ -14,8 +16,17 @@ def _cosines(xs, ys):
     """cos(x, y) of each pair of tensors over the whole tensor, as one vector; 0 where either is the zero tensor.
 
     The per-tensor numbers are stacked so that the arithmetic on them is a few vector ops, not a few per tensor.
+    Compiled, the products and sums are float64 (free in a loop bound by memory): a float32 gradient above ~1e19
+    has a square beyond float32's range, and inf / inf would turn the momentum and then the params NaN.
     """
-    if mt.compiling() or not mt.dot_friendly(list(xs) + list(ys)):
+    if mt.compiling():
+        wide = [(x.double(), y.double()) for x, y in zip(xs, ys)]
+        dots = torch.stack([(x * y).sum() for x, y in wide])
+        prod = torch.stack([(x * x).sum().sqrt() * (y * y).sum().sqrt() for x, y in wide])
+        nonzero = prod > 0
+        cos = torch.where(nonzero, dots / torch.where(nonzero, prod, torch.ones_like(prod)), torch.zeros_like(prod))
+        return cos.to(xs[0].dtype)
+    if not mt.dot_friendly(list(xs) + list(ys)):
         dots = torch.stack(mt.dots(xs, ys))
         prod = torch.stack(mt.norms(xs)) * torch.stack(mt.norms(ys))
     else:
@@ -38,6 +49,10 @@ def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
         for m, g, s_i in zip(momentum_buffer, grads, s):
             mf, gf = m.reshape(-1), g.reshape(-1)
             dot, mm, gg = (float(torch.dot(a, b)) for a, b in ((mf, gf), (mf, mf), (gf, gf)))
+            if not math.isfinite(dot + mm + gg) and mf.dtype == torch.float32:
+                # A square beyond float32's range (a gradient above ~1e19): the cosine in float64, not inf / inf.
+                mf, gf = mf.double(), gf.double()
+                dot, mm, gg = (float(torch.dot(a, b)) for a, b in ((mf, gf), (mf, mf), (gf, gf)))
             prod = mm**0.5 * gg**0.5
             s_i.mul_(decay).add_(dot / prod if prod > 0 else 0.0, alpha=1.0 - decay)
             m.mul_(momentum).add_(g, alpha=(1.0 + float(s_i)) * 0.5 + eps)
