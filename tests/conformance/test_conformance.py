@@ -485,3 +485,45 @@ def test_works_with_torch_lr_scheduler(info):
             group["lr"] = lr0 * 0.5**t
         manual.step(closure_for(manual, by_hand))
     close(params, by_hand, rtol=1e-14, atol=1e-15)
+
+
+def test_named_parameters_as_params(info):
+    """torch's optimizers take ``model.named_parameters()``: the steps are the plain list's, and the names land in
+    the state_dict's param groups, as torch.optim keeps them."""
+    named, plain = make_params(), make_params()
+    names = [f"layer{i}.weight" for i in range(len(named))]
+    opt = make_opt(info, list(zip(names, named)))
+    ref = make_opt(info, plain)
+    for _ in range(3):
+        opt.step(closure_for(opt, named))
+        ref.step(closure_for(ref, plain))
+    assert same(named, plain)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == names
+
+
+def test_one_cycle_momentum_is_the_momentum_the_step_uses(info):
+    """OneCycleLR(cycle_momentum=True) rewrites betas[0] (or momentum) with the lr each step: the run equals setting
+    both by hand before each step."""
+    applies(info, "tensor_lr")
+    params = make_params()
+    opt = make_opt(info, params)
+    group = opt.param_groups[0]
+    key = next((k for k in ("betas", "momentum") if k in group), None)
+    if key is None:
+        pytest.skip(f"{info.name} has neither betas nor momentum")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=group["lr"], total_steps=8, cycle_momentum=True,
+                                                base_momentum=0.8, max_momentum=0.9)
+    # initial_lr too: the scheduler sets it, and Muon scales its AdamW fallback's lr by lr / initial_lr.
+    written = ("lr", key, "initial_lr")
+    used = []
+    for _ in range(4):
+        used.append({k: group[k] for k in written})
+        opt.step(closure_for(opt, params))
+        sched.step()
+    assert len({u[key] for u in used}) > 1, "the scheduler moved the momentum"
+    by_hand = make_params()
+    manual = make_opt(info, by_hand)
+    for values in used:
+        manual.param_groups[0].update(values)
+        manual.step(closure_for(manual, by_hand))
+    close(params, by_hand, rtol=1e-14, atol=1e-15)

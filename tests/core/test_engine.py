@@ -980,3 +980,56 @@ def test_scaled_products_are_taken_in_atens_order(compile):
     for p, q in zip(ours, ref):
         assert torch.isfinite(opt.state[p]["exp_avg_sq"]).all()
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "DoG"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+def test_step_wrapped_in_torch_compile_equals_the_plain_step(name, compile):
+    """``torch.compile(opt.step)``, as training loops written for torch.optim do, runs and takes the plain step
+    (float32 rounding apart: the traced arithmetic is compiled)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 40, generator=g)) for _ in range(3)]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    start = params[0].detach().clone()
+    opt, plain = (getattr(steepest, name)(ps, lr=0.1, compile=compile) for ps in (params, ref))
+    step = torch.compile(opt.step)
+    for t in range(3):
+        for a, b in zip(params, ref):
+            a.grad = torch.sin(a.detach() * (t + 1))
+            b.grad = torch.sin(b.detach() * (t + 1))
+        step()
+        plain.step()
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params[0], start)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "DoG"])
+def test_zero_redundancy_optimizer_takes_steepest_classes(name):
+    """torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=steepest.X) (one gloo rank) takes the plain
+    optimizer's steps, and consolidates a state_dict."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model, twin = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+        twin.load_state_dict(model.state_dict())
+        start = model.weight.detach().clone()
+        x = torch.randn(8, 5)
+        cls = getattr(steepest, name)
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, lr=1e-2)
+        plain = cls(twin.parameters(), lr=1e-2)
+        for _ in range(3):
+            for opt, m in ((zero, model), (plain, twin)):
+                opt.zero_grad()
+                m(x).square().sum().backward()
+                opt.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+        assert not torch.equal(model.weight, start)
+        zero.consolidate_state_dict(0)
+        assert len(zero.state_dict()["state"]) == 2
+    finally:
+        dist.destroy_process_group()
