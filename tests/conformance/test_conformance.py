@@ -527,3 +527,18 @@ def test_one_cycle_momentum_is_the_momentum_the_step_uses(info):
         manual.param_groups[0].update(values)
         manual.step(closure_for(manual, by_hand))
     close(params, by_hand, rtol=1e-14, atol=1e-15)
+
+
+def test_optimizer_options_repeated_in_a_param_group(info):
+    """Wrappers such as ZeroRedundancyOptimizer pass every keyword argument into each param group: the optimizer's
+    own options (compile, skip_nonfinite, torch's switches) are accepted there at the optimizer's values, and a
+    different value is refused naming the option, before anything is added."""
+    params = make_params()
+    opt = make_opt(info, [{"params": params, "compile": False, "skip_nonfinite": True, "foreach": None}],
+                   compile=False, skip_nonfinite=True)
+    assert "compile" not in opt.param_groups[0] and opt.skip_nonfinite
+    opt.step(closure_for(opt, params))
+    extra = make_params(seed=1)
+    with pytest.raises(ValueError, match="compile"):
+        opt.add_param_group({"params": extra, "compile": True})
+    assert len(opt.param_groups) == 1

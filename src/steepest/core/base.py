@@ -669,6 +669,16 @@ class Optimizer(torch.optim.Optimizer):
         """Add a param group after checking its options; nothing is added if one is invalid."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        engine = self.engine_options()
+        given = {k: param_group[k] for k in engine if k in param_group}
+        for key, value in given.items():
+            if value is not engine[key] and value != engine[key]:
+                raise ValueError(f"{type(self).__name__}: {key} is an option of the optimizer, not of a param group: "
+                                 f"this one has {key}={engine[key]!r}, the group asks for {value!r}")
+        if given:
+            # Wrappers that pass their keyword arguments into every group (ZeroRedundancyOptimizer) repeat the
+            # optimizer's own options there.
+            param_group = {k: v for k, v in param_group.items() if k not in given}
         unknown = set(param_group) - set(self.defaults) - _STANDARD_GROUP_KEYS
         if unknown:
             raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in a param group; "
@@ -681,6 +691,13 @@ class Optimizer(torch.optim.Optimizer):
             if isinstance(p, Tensor) and p.is_sparse:
                 raise ValueError(f"{type(self).__name__}: parameter {i} is a sparse tensor; dense parameters only")
         super().add_param_group(param_group)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The options that hold for the whole optimizer (how it runs, not what it computes), with their values,
+        torch.optim's implementation switches at the only values accepted here included."""
+        return {"compile": self.compile, "skip_nonfinite": self.skip_nonfinite, "state_dtype": self.state_dtype,
+                "stochastic_rounding": self.stochastic_rounding, "foreach": None, "fused": None, "capturable": False,
+                "differentiable": False}
 
     # ------------------------------------------------------------------------ what subclasses give
     def init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
