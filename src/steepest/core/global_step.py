@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import checks
 from . import multitensor as mt
 from .base import Optimizer, _apply_update, chunk_runs
 from .precision import as_real, working_copy, write_back_
@@ -108,10 +109,60 @@ class GlobalStepOptimizer(Optimizer):
     fusable = False
     weight_decay_mode = "custom"
     shared_options: tuple[str, ...] = ()
+    # Methods whose global numbers are sums over the model's entries, totalled through :meth:`global_sum`: they
+    # take ``fsdp_in_use`` (params sharded over processes).
+    shardable = False
 
-    def __init__(self, params, defaults, **engine) -> None:
+    def __init__(self, params, defaults, *, fsdp_in_use: bool = False, **engine) -> None:
+        name = type(self).__name__
+        checks.boolean("fsdp_in_use", fsdp_in_use)
+        if fsdp_in_use and not self.shardable:
+            raise TypeError(f"{name}: fsdp_in_use=True is not supported (its step is not a sum over the model's "
+                            f"entries that an all-reduce could complete); leave it out")
+        self.fsdp_in_use = fsdp_in_use
         super().__init__(params, defaults, **engine)
         self._pending: list[tuple[dict[str, Any], list[Tensor]]] | None = None
+
+    def engine_options(self) -> dict[str, Any]:
+        return {**super().engine_options(), "fsdp_in_use": getattr(self, "fsdp_in_use", False)}
+
+    def sharded(self) -> bool:
+        """Whether the params are shards of a model spread over processes: ``fsdp_in_use=True``, or a param flattened
+        by torch's FullyShardedDataParallel (``_fsdp_flattened``), as the authors' packages detect it."""
+        return getattr(self, "fsdp_in_use", False) or (self.shardable and any(
+            getattr(p, "_fsdp_flattened", False) for group in self.param_groups for p in group["params"]))
+
+    def global_sum(self, values: list[float]) -> list[float]:
+        """``values`` (this process's sums over its params) summed over every process of the default group when the
+        params are sharded (one all-reduce, float64, on the params' device), else as they are.
+
+        Every process must call it as often, in the same order: each must hold params with gradients (an empty
+        shard skips the step, and the others wait for it)."""
+        if not self.sharded():
+            return list(values)
+        import torch.distributed as dist
+
+        device = self.param_groups[0]["params"][0].device
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        work = super()._collect()
+        if work and self.sharded():
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(f"{type(self).__name__}: fsdp_in_use (params sharded over processes) needs "
+                                   f"torch.distributed initialised (init_process_group) before the step")
+        return work
+
+    def _grads_finite(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
+        # Sharded, every process skips or none does (one that skipped would leave the others in an all-reduce).
+        local = Optimizer._grads_finite(work)
+        if not self.sharded():
+            return local
+        return self.global_sum([0.0 if local else 1.0])[0] == 0.0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

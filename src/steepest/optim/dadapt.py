@@ -39,9 +39,15 @@ class DAdaptAdam(GlobalStepOptimizer):
     growth_rate inf. State: s, exp_avg, exp_avg_sq (3 words); d, k and N live in every param group
     (``group["d"]`` is the current D estimate).
 
+    ``fsdp_in_use=True`` (the package's switch; on by itself for params that torch's FullyShardedDataParallel
+    flattened, detected as the package does) is for params sharded over processes (FSDP,
+    ZeroRedundancyOptimizer): the step's sums are all-reduced over the default process group, so each process
+    takes the step that one process would take over the whole model.
+
     Differences from the package: betas, decouple, use_bias_correction, d0 and growth_rate must agree
     across param groups (the package silently reads group 0); p.grad is never modified (the package adds
-    L2 decay into it); no ``log_every`` or FSDP all-reduce (single process). If sum ||s||_1 is zero
+    L2 decay into it); no ``log_every``; the running numerator in the groups is the whole model's (the package keeps
+    each process's share and all-reduces it). If sum ||s||_1 is zero
     (all gradients zero so far) the moments are updated and nothing else, as in the package. After the
     first counted step (with b2 > 0 and every layer scale > 0) the moments and the descent are one pass over
     memory: the descent uses only the moments and the step's dlr, so the numbers are the package's, except
@@ -57,6 +63,7 @@ class DAdaptAdam(GlobalStepOptimizer):
                    "layer_scale": checks.nonnegative}
     shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate")
     fusable = True
+    shardable = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decouple=False,
                  use_bias_correction=False, d0=1e-6, growth_rate=math.inf, layer_scale=1.0, *, maximize=False,
@@ -141,6 +148,7 @@ class DAdaptAdam(GlobalStepOptimizer):
                                  l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple)
             acc += r * dlr * total(sums["dot"])
             sk_l1 += r * total(sums["l1"])
+        acc, sk_l1 = self.global_sum([acc, sk_l1])
         nw = sqrt_beta2 * nw + (1 - sqrt_beta2) * acc
         if sk_l1 == 0:
             if merged:
@@ -187,9 +195,15 @@ class DAdaptSGD(GlobalStepOptimizer):
     uses s, not this step's d): the package's numbers, except in a step where every entry of s cancels to
     exactly 0, which the package skips and this one has already taken (it warns).
 
+    ``fsdp_in_use=True`` (the package's switch; on by itself for params that torch's FullyShardedDataParallel
+    flattened, detected as the package does) is for params sharded over processes (FSDP,
+    ZeroRedundancyOptimizer): the step's sums are all-reduced over the default process group, so each process
+    takes the step that one process would take over the whole model.
+
     Differences from the package: z is not stored (it is x0 - s, recomputed: 2 words instead of 3);
     momentum, weight_decay, d0 and growth_rate must agree across groups (the package reads group 0);
-    p.grad is never modified; single process only. A first step whose gradients are all zero changes
+    p.grad is never modified; the running numerator in the groups is the whole model's (the package keeps each
+    process's share and all-reduces it). A first step whose gradients are all zero changes
     nothing and is not counted (the package divides by ||g_0|| = 0 there and raises ZeroDivisionError).
     As in the package, ||g_0|| leaves weight decay out (the package's ``grad.add`` there is not in place).
     """
@@ -198,6 +212,7 @@ class DAdaptSGD(GlobalStepOptimizer):
                    "d0": checks.positive, "growth_rate": growth_rate_check}
     shared_options = ("momentum", "weight_decay", "d0", "growth_rate")
     fusable = True
+    shardable = True
 
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, d0=1e-6, growth_rate=math.inf, *,
                  maximize=False, **engine):
@@ -252,8 +267,8 @@ class DAdaptSGD(GlobalStepOptimizer):
         parts = self.parts(work)
         live = [part for part in parts if self.lr(part.group) > 0]
         if k == 0:
-            g0_norm = math.sqrt(sum(total(self.run_pass(part, type(self).grad_norm, {}, fuse=False)["sq"])
-                                    for part in live))
+            g0_sq = sum(total(self.run_pass(part, type(self).grad_norm, {}, fuse=False)["sq"]) for part in live)
+            g0_norm = math.sqrt(self.global_sum([g0_sq])[0])
             if g0_norm == 0:
                 return
         else:
@@ -263,13 +278,15 @@ class DAdaptSGD(GlobalStepOptimizer):
         # entry cancels it exactly; from then on both passes run as one (one kernel for every step: unmerged, the
         # average keeps p).
         merged = k > 0
-        sk_sq = 0.0
+        delta, sk_sq = 0.0, 0.0
         for part in live:
             sums = self.run_pass(part, type(self).accumulate_average,
                                  dict(decay=decay, dlr=dlr, keep=1 - ck if merged else 1.0, ck=ck if merged else 0.0),
                                  l2=decay != 0)
-            nw += dlr * total(sums["dot"])
+            delta += dlr * total(sums["dot"])
             sk_sq += total(sums["sq"])
+        delta, sk_sq = self.global_sum([delta, sk_sq])
+        nw += delta
         if lr > 0:
             d_hat = 2 * nw / math.sqrt(sk_sq) if sk_sq > 0 else d
             d = max(d, min(d_hat, d * growth_rate))

@@ -49,8 +49,10 @@ class DoG(GlobalStepOptimizer):
     authors' code requires every param of the group to have one); a group's first step is its own first
     step (the authors' is the optimizer's first); p.grad is never modified; rbar and G are Python
     floats (float64) in the group rather than tensors; G = 0 (eps = 0 and zero gradients) gives
-    eta = 0 where the authors' code asserts. The paper's averaged iterate is not kept (use
-    steepest.averaging when it lands).
+    eta = 0 where the authors' code asserts. The paper's averaged iterate is not kept (steepest.averaging keeps
+    one). ``fsdp_in_use=True`` (not in the authors' code) is for params sharded over processes (FSDP,
+    ZeroRedundancyOptimizer): the norms are all-reduced over the default process group, so every process takes
+    the step one process would take over the whole group.
     """
 
     hyperparams = _HYPER
@@ -66,6 +68,7 @@ class DoG(GlobalStepOptimizer):
         return {"x0": self.copy_state(p)}
 
     fusable = True
+    shardable = True
 
     @staticmethod
     def initial_norm(p, g, x0):
@@ -110,15 +113,15 @@ class DoG(GlobalStepOptimizer):
         first = "rbar" not in group
         reps_rel = 0.0 if group["init_eta"] is not None else group["reps_rel"]
         sums = [self._norms(group, part) for part in parts]
-        g_sq = sum(total(x["g_sq"]) for x in sums)
         if first:
-            r = math.sqrt(sum(total(self.run_pass(part, type(self).initial_norm, {}, fuse=False)["x0_sq"])
-                              for part in parts))
-            rbar = reps_rel * (1 + r)
+            x0_sq = sum(total(self.run_pass(part, type(self).initial_norm, {}, fuse=False)["x0_sq"])
+                        for part in parts)
+            g_sq, x0_sq = self.global_sum([sum(total(x["g_sq"]) for x in sums), x0_sq])
+            rbar = reps_rel * (1 + math.sqrt(x0_sq))
             G = g_sq + group["eps"]
         else:
-            r = math.sqrt(sum(total(x["r_sq"]) for x in sums))
-            rbar = max(group["rbar"], r)
+            g_sq, r_sq = self.global_sum([sum(total(x[k]) for x in sums) for k in ("g_sq", "r_sq")])
+            rbar = max(group["rbar"], math.sqrt(r_sq))
             G = group["G"] + g_sq
         eta = self.lr(group) * rbar / math.sqrt(G) if G > 0 else 0.0
         if first and group["init_eta"] is not None:

@@ -47,7 +47,9 @@ class ALRSMAG(GlobalStepOptimizer):
     must be the same in every param group; lr, momentum and weight_decay may differ.
     Deliberate differences: the gap is clipped at 0 (a loss below f_star gives no step instead of an
     ascent step), and when d_k = 0 the step is lr (or 0 when the gap is 0) instead of 0/0.
-    After each step ``last_step_sizes`` holds eta_k of every param group.
+    After each step ``last_step_sizes`` holds eta_k of every param group. ``fsdp_in_use=True`` is for params
+    sharded over processes (FSDP, ZeroRedundancyOptimizer): ||d||^2 is all-reduced over the default process
+    group (the closure's loss must be the whole model's, as FSDP's is).
     State: momentum_buffer d (1 word). Two passes over memory with ||d||^2 between them: each runs eager or
     compiled (the first kernel returns its tensors' squared norms), as ``compile`` says.
     """
@@ -56,6 +58,7 @@ class ALRSMAG(GlobalStepOptimizer):
                    "c": checks.positive, "weight_decay": checks.nonnegative}
     needs_closure = True
     fusable = True
+    shardable = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, f_star=0.0, c=1.0, weight_decay=0.0, *, maximize=False,
                  **engine):
@@ -112,6 +115,7 @@ class ALRSMAG(GlobalStepOptimizer):
         self.count_step(parts)
         sq = sum(total(self.run_pass(part, type(self).accumulate, dict(momentum=part.group["momentum"]))["sq"])
                  for part in parts)
+        sq = self.global_sum([sq])[0]
 
         first = self.param_groups[0]
         gap = (first["f_star"] - loss_value) if first["maximize"] else (loss_value - first["f_star"])

@@ -50,10 +50,15 @@ class Prodigy(GlobalStepOptimizer):
     d_numerator, d_denom and k live in every param group
     (``group["d"]`` is the current D estimate).
 
+    ``fsdp_in_use=True`` (the package's switch; on by itself for params that torch's FullyShardedDataParallel
+    flattened, detected as the package does) is for params sharded over processes (FSDP,
+    ZeroRedundancyOptimizer): the step's sums are all-reduced over the default process group, so each process
+    takes the step that one process would take over the whole model.
+
     Differences from the package: no ``slice_p`` (statistics over every entry, the package's default);
     p0 is always a full copy (the package stores a scalar 0 for an all-zero tensor: the same numbers);
     betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
-    (the package reads group 0); p.grad is never modified; single process (no FSDP all-reduce). If
+    (the package reads group 0); p.grad is never modified. If
     sum ||s||_1 is zero the moments are updated and nothing else, as in the package. As in the package, a group
     with lr 0 keeps its moments but, with ``decouple=True`` (the default), still takes the weight decay
     p (1 - wd dlr) at the shared dlr: give it weight_decay 0 to freeze it entirely.
@@ -65,6 +70,7 @@ class Prodigy(GlobalStepOptimizer):
                    "d0": checks.positive, "d_coef": checks.positive, "growth_rate": growth_rate_check}
     shared_options = ("betas", "beta3", "decouple", "use_bias_correction", "d0", "d_coef", "growth_rate")
     fusable = True
+    shardable = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
                  use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf, *,
@@ -137,6 +143,7 @@ class Prodigy(GlobalStepOptimizer):
                                  l2=decay != 0 and not decouple)
             delta += (d / d0) * dlr * total(sums["dot"])
             d_denom += total(sums["l1"])
+        delta, d_denom = self.global_sum([delta, d_denom])
         if d_denom == 0:
             return
         d_hat = d

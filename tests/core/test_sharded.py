@@ -1,0 +1,152 @@
+"""Global-step methods over params sharded across processes (``fsdp_in_use``): every process takes the step that one
+process takes over the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import steepest
+
+from ..conformance.problem import make_params
+
+STEPS = 6
+WORLD = 2
+CASES = [
+    ("DoG", dict(lr=1.0)),
+    ("Prodigy", dict(lr=1.0, weight_decay=1e-2)),
+    ("DAdaptAdam", dict(lr=1.0)),
+    ("DAdaptSGD", dict(lr=1.0, momentum=0.9)),
+    ("ALRSMAG", dict(lr=0.5, momentum=0.5)),
+]
+
+
+def _loss(indexed):
+    """A smooth non-quadratic loss, a sum of one term per tensor of the whole model (``indexed``: (index in the
+    whole model, tensor) pairs), so that a shard's gradients are the whole model's."""
+    total = 0.0
+    for i, p in indexed:
+        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=p.dtype).reshape(p.shape)
+        total = total + (scale * (p - 0.3) ** 2).sum() + 0.1 * torch.sin(3 * p).sum()
+    return total
+
+
+def _train(name, kwargs, indexed, world_loss=None, poison=None, **engine):
+    """STEPS steps over the tensors of ``indexed``; ``world_loss`` turns this process's loss into the whole model's;
+    ``poison`` = (step, index): a NaN into that tensor's gradient at that step, if this process holds it."""
+    params = [p for _, p in indexed]
+    opt = getattr(steepest, name)(params, compile=False, **kwargs, **engine)
+    for t in range(STEPS):
+        def closure(t=t):
+            opt.zero_grad()
+            loss = _loss(indexed)
+            loss.backward()
+            for i, p in indexed:
+                if poison == (t, i):
+                    p.grad.view(-1)[0] = float("nan")
+            return loss if world_loss is None else world_loss(loss)
+        opt.step(closure)
+    return opt
+
+
+def _whole_model_loss(loss):
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return loss + (total - loss.detach())
+
+
+def _worker(rank, store, out, poison):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, kwargs in CASES:
+            mine = [(i, p) for i, p in enumerate(make_params()) if i % WORLD == rank]
+            opt = _train(name, kwargs, mine, world_loss=_whole_model_loss, poison=poison, fsdp_in_use=True,
+                         skip_nonfinite=poison is not None)
+            results[name] = ({i: p.detach() for i, p in mine}, opt.skipped_steps)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_results(tmp_path, poison=None):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "out"), poison), nprocs=WORLD, join=True)
+    merged = {}
+    for rank in range(WORLD):
+        for name, (tensors, skipped) in torch.load(tmp_path / f"out.{rank}").items():
+            merged.setdefault(name, ({}, []))[0].update(tensors)
+            merged[name][1].append(skipped)
+    return merged
+
+
+@pytest.mark.parametrize("poison", [None, (2, 1)], ids=["plain", "nan_on_one_rank"])
+def test_sharded_step_equals_the_whole_model_step(tmp_path, poison):
+    """Two gloo processes, each holding half of the tensors: the params equal one process's run over all of them
+    (float64; the sums are only reassociated), and a NaN gradient on one process (tensor 1 at step 2) skips that
+    step on both (skip_nonfinite), as one process skips it."""
+    merged = _sharded_results(tmp_path, poison)
+    for name, kwargs in CASES:
+        params = make_params()
+        opt = _train(name, kwargs, list(enumerate(params)), poison=poison, skip_nonfinite=poison is not None)
+        tensors, skipped = merged[name]
+        for i, p in enumerate(params):
+            torch.testing.assert_close(tensors[i], p.detach(), rtol=1e-12, atol=1e-14, msg=f"{name} tensor {i}")
+        assert opt.skipped_steps == (0 if poison is None else 1)
+        assert skipped == [opt.skipped_steps] * WORLD
+
+
+def test_fsdp_in_use_needs_torch_distributed_and_is_detected_from_fsdp_params():
+    """A param flattened by FullyShardedDataParallel turns the all-reduce on by itself (as the authors' packages
+    detect it); without an initialised process group the step says what is missing, before any change."""
+    params = make_params()
+    params[0]._fsdp_flattened = True
+    opt = steepest.Prodigy(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="fsdp_in_use"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert not any(opt.state[p] for p in params)
+
+
+def test_fsdp_in_use_refused_where_the_step_is_not_a_sum():
+    with pytest.raises(TypeError, match="fsdp_in_use"):
+        steepest.MFAC(make_params(), fsdp_in_use=True)
+    with pytest.raises(TypeError, match="fsdp_in_use"):
+        steepest.DoG(make_params(), fsdp_in_use="yes")
+
+
+def _zero_worker(rank, store, out):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, kwargs in CASES[:3]:
+            params = make_params()
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=getattr(steepest, name), compile=False,
+                                          fsdp_in_use=True, **kwargs)
+            for _ in range(STEPS):
+                opt.zero_grad()
+                _loss(list(enumerate(params))).backward()  # every process holds the whole model's gradients
+                opt.step()
+            results[name] = [p.detach() for p in params]
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_with_fsdp_in_use_takes_the_whole_model_step(tmp_path):
+    """ZeroRedundancyOptimizer(optimizer_class=steepest.DoG, fsdp_in_use=True) over two processes: each steps its
+    partition with the whole model's norms, and the broadcast params equal one process's run."""
+    mp.spawn(_zero_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    for name, kwargs in CASES[:3]:
+        params = make_params()
+        _train(name, kwargs, list(enumerate(params)))
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"out.{rank}")[name]
+            for i, (a, b) in enumerate(zip(got, params)):
+                torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=f"{name} rank {rank} tensor {i}")
