@@ -124,6 +124,7 @@ class GlobalStepOptimizer(Optimizer):
         self._pending: list[tuple[dict[str, Any], list[Tensor]]] | None = None
 
     def engine_options(self) -> dict[str, Any]:
+        """The base's, and ``fsdp_in_use``."""
         return {**super().engine_options(), "fsdp_in_use": getattr(self, "fsdp_in_use", False)}
 
     def sharded(self) -> bool:
