@@ -25,6 +25,8 @@ CASES = [
     dict(weight_decay=0.1),
     dict(warmup_steps=4, weight_decay=0.05, r=1.0),
     dict(warmup_steps=3, weight_lr_power=0.0),
+    # AdamW: a decay below 1e-20 takes the unfolded form (g / denom, then + wd y).
+    dict(weight_decay=1e-22),
 ]
 
 

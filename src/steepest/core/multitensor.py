@@ -245,6 +245,17 @@ def rdiv_(xs: TensorList, ys: TensorList) -> None:
             torch.div(y, x, out=x)
 
 
+def addcdiv_over_(bs: TensorList, xs: TensorList, a: TensorList, value: Scalar) -> None:
+    """bs = xs + value * a / bs elementwise, written over bs (a temporary the caller owns): eager, one kernel whose
+    output is one of its inputs (see :func:`rdiv_`)."""
+    if compiling() or _is_tensor(value):
+        for b, x, u in zip(bs, xs, a):
+            b.copy_(x + u * value / b)
+    else:
+        for b, x, u in zip(bs, xs, a):
+            torch.addcdiv(x, u, b, value=value, out=b)
+
+
 def sign_(xs: TensorList) -> None:
     """xs = sign(xs) elementwise."""
     torch._foreach_sign_(xs)
