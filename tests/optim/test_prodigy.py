@@ -33,6 +33,8 @@ CASES = [
     dict(betas=(0.0, 0.99)),
     dict(betas=(0.95, 0.99), beta3=0.9, eps=1e-6, d0=1e-4),
     dict(use_bias_correction=True, safeguard_warmup=True, weight_decay=0.05, decouple=False, lr=2.0),
+    dict(slice_p=3),
+    dict(slice_p=11, weight_decay=0.1, decouple=False, betas=(0.0, 0.99)),
 ]
 
 
@@ -135,3 +137,31 @@ def test_compiled_passes_match_package(kwargs):
     """The compiled passes (the moments with their reductions returned by the kernel, then the descent) follow
     the package's float64 trajectory."""
     run_pair(kwargs, steps=6, compile=True)
+
+
+def test_slice_p_keeps_s_and_p0_over_every_kth_entry_and_round_trips():
+    """slice_p=k: s and p0 hold ceil(n/k) entries of each param (a complex param's whole entries), a state_dict
+    continues the run bit for bit, and the compile switch leaves the (eager) numbers alone."""
+    params = torch_params(PACKAGE_SHAPES)
+    opt = Prodigy(params, slice_p=4)
+    for t in range(3):
+        set_smooth_grads(params, t)
+        opt.step()
+    for p, start in zip(params, torch_params(PACKAGE_SHAPES)):
+        assert opt.state[p]["s"].shape == opt.state[p]["p0"].shape == ((p.numel() + 3) // 4,)
+        assert torch.equal(opt.state[p]["p0"], start.detach().reshape(-1)[::4])
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    resumed = Prodigy(twin, slice_p=4, compile=True)
+    resumed.load_state_dict(opt.state_dict())
+    for t in range(3, 6):
+        set_smooth_grads(params, t)
+        set_smooth_grads(twin, t)
+        opt.step()
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twin))
+
+    z = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex128))
+    opt = Prodigy([z], slice_p=2)
+    z.grad = torch.randn_like(z)
+    opt.step()
+    assert opt.state[z]["s"].shape == (8,) and opt.state[z]["s"].is_complex()

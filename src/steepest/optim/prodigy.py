@@ -45,7 +45,7 @@ class Prodigy(GlobalStepOptimizer):
 
     ``lr`` multiplies the adapted step (leave it at 1). Defaults (the package's): lr 1,
     betas (0.9, 0.999), beta3 None, eps 1e-8, weight_decay 0, decouple True, use_bias_correction False,
-    safeguard_warmup False, d0 1e-6, d_coef 1, growth_rate inf. State: s, p0, exp_avg, exp_avg_sq
+    safeguard_warmup False, d0 1e-6, d_coef 1, growth_rate inf, slice_p 1. State: s, p0, exp_avg, exp_avg_sq
     (4 words; 3 with b1 = 0; p0 at the param's working precision whatever ``state_dtype`` says); d, d_max, d_hat,
     d_numerator, d_denom and k live in every param group
     (``group["d"]`` is the current D estimate).
@@ -55,9 +55,12 @@ class Prodigy(GlobalStepOptimizer):
     ZeroRedundancyOptimizer): the step's sums are all-reduced over the default process group, so each process
     takes the step that one process would take over the whole model.
 
-    Differences from the package: no ``slice_p`` (statistics over every entry, the package's default);
-    p0 is always a full copy (the package stores a scalar 0 for an all-zero tensor: the same numbers);
-    betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
+    ``slice_p=k`` (the package's memory saver) keeps s and p0 over every k-th entry of each flattened param
+    (k = 11: 2/11 of a word instead of 2) and takes the dot product and ||s||_1 over those entries, as the package
+    does; fixed for the run, and those params' passes run eager (the fused kernels take param-sized states).
+
+    Differences from the package: p0 is always a copy (the package stores a scalar 0 for an all-zero tensor: the
+    same numbers); betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
     (the package reads group 0); p.grad is never modified. If
     sum ||s||_1 is zero the moments are updated and nothing else, as in the package. As in the package, a group
     with lr 0 keeps its moments but, with ``decouple=True`` (the default), still takes the weight decay
@@ -67,42 +70,55 @@ class Prodigy(GlobalStepOptimizer):
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "beta3": _beta3_check,
                    "eps": checks.positive, "weight_decay": checks.nonnegative, "decouple": checks.boolean,
                    "use_bias_correction": checks.boolean, "safeguard_warmup": checks.boolean,
-                   "d0": checks.positive, "d_coef": checks.positive, "growth_rate": growth_rate_check}
+                   "d0": checks.positive, "d_coef": checks.positive, "growth_rate": growth_rate_check,
+                   "slice_p": checks.integer(1)}
     shared_options = ("betas", "beta3", "decouple", "use_bias_correction", "d0", "d_coef", "growth_rate")
     fusable = True
     shardable = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0, decouple=True,
-                 use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf, *,
-                 maximize=False, **engine):
+                 use_bias_correction=False, safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf,
+                 slice_p=1, *, maximize=False, **engine):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, beta3=beta3, eps=eps,
                         weight_decay=weight_decay, decouple=decouple, use_bias_correction=use_bias_correction,
                         safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
-                        maximize=maximize)
+                        slice_p=slice_p, maximize=maximize)
         super().__init__(params, defaults, **engine)
 
     exact_states = ("p0",)
 
+    later_defaults = {"slice_p": 1}
+
     def init_state(self, p, group):
-        state = {"s": self.zeros_state(p), "p0": self.copy_state(p)}
+        # slice_p > 1: s and p0 over every slice_p-th entry of the flattened param, as the package's.
+        sliced = p if group["slice_p"] == 1 else p.detach().reshape(-1)[::group["slice_p"]]
+        state = {"s": self.zeros_state(sliced), "p0": self.copy_state(sliced)}
         if group["betas"][0] > 0:
             state["exp_avg"] = self.zeros_state(p)
         state["exp_avg_sq"] = self.zeros_state(p)
         return state
 
     @staticmethod
-    def moments(p, g, s, p0, exp_avg_sq, exp_avg=None, *, beta1, beta2, beta3, m_coef, v_coef, s_coef, decay, l2):
-        """The first pass: <g, p0 - p>, then m, v and s updated, and ||s||_1 after."""
+    def moments(p, g, s, p0, exp_avg_sq, exp_avg=None, *, beta1, beta2, beta3, m_coef, v_coef, s_coef, decay, l2,
+                slice_p=1):
+        """The first pass: <g, p0 - p>, then m, v and s updated, and ||s||_1 after (the dot product and s over every
+        slice_p-th entry)."""
         if l2:
             g = mt.add(g, p, alpha=decay)
-        dots = mt.dots(g, mt.sub(p0, p))
+        if slice_p > 1:
+            # s keeps a complex param's (real, imaginary) pairs as rows: slice whole entries, as the package does.
+            g_s = [x.reshape(-1, *z.shape[1:])[::slice_p] for x, z in zip(g, s)]
+            p_s = [x.reshape(-1, *z.shape[1:])[::slice_p] for x, z in zip(p, s)]
+        else:
+            g_s, p_s = g, p
+        dots = mt.dots(g_s, mt.sub(p0, p_s))
         if exp_avg is not None:
             mt.mul_(exp_avg, beta1)
             mt.add_(exp_avg, g, m_coef)
         mt.mul_(exp_avg_sq, beta2)
         mt.addcmul_(exp_avg_sq, g, g, v_coef)
         mt.mul_(s, beta3)
-        mt.add_(s, g, s_coef)
+        mt.add_(s, g_s, s_coef)
         return {"dot": dots, "l1": mt.l1_norms(s)}
 
     @staticmethod
@@ -140,7 +156,8 @@ class Prodigy(GlobalStepOptimizer):
             sums = self.run_pass(part, type(self).moments,
                                  dict(beta1=beta1, beta2=beta2, beta3=beta3, m_coef=d * (1 - beta1),
                                       v_coef=d * d * (1 - beta2), s_coef=s_coef, decay=decay),
-                                 l2=decay != 0 and not decouple)
+                                 l2=decay != 0 and not decouple, fuse=part.group["slice_p"] == 1,
+                                 slice_p=part.group["slice_p"])
             delta += (d / d0) * dlr * total(sums["dot"])
             d_denom += total(sums["l1"])
         delta, d_denom = self.global_sum([delta, d_denom])
@@ -162,5 +179,5 @@ class Prodigy(GlobalStepOptimizer):
                           dict(d_eps=d * part.group["eps"], decay=decay, decay_coef=-decay * dlr,
                                step_coef=-dlr if beta1 > 0 else -dlr * d),
                           elementwise=True, l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple,
-                          reverse=True)
+                          reverse=True, fuse=part.group["slice_p"] == 1)
         self.count_step(parts)
