@@ -192,3 +192,27 @@ def test_dadapt_sgd_warns_when_s_cancels_after_the_merged_step(compile):
     params = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)) for _ in range(2)]
     opt = DAdaptSGD(params, momentum=0.5, compile=compile)
     _cancel_s_in_the_second_step(opt, params, d=2.0**-10, g0_norm=1.0)  # dlr = 2**-10: s + 2**-10 g = 0
+
+
+@pytest.mark.parametrize("cls", ["DAdaptAdam", "DAdaptSGD"])
+def test_log_every_logs_the_d_estimate_and_older_state_dicts_load(cls, caplog):
+    """The package's log_every: an INFO record every n steps with the current d; a state_dict written before the
+    option existed loads (as log_every 0)."""
+    import logging
+
+    import steepest
+
+    params = [torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))]
+    opt = getattr(steepest, cls)(params, log_every=2)
+    with caplog.at_level(logging.INFO, logger="steepest.optim.dadapt"):
+        for t in range(5):
+            params[0].grad = torch.sin(params[0].detach() * (t + 1))
+            opt.step()
+    records = [r.getMessage() for r in caplog.records if r.name == "steepest.optim.dadapt"]
+    assert [m.split(":")[0] for m in records] == [f"{cls} step {k}" for k in (0, 2, 4)]
+    assert f"d {opt.param_groups[0]['d']:g}" in records[-1]
+    old = opt.state_dict()
+    del old["param_groups"][0]["log_every"]
+    fresh = getattr(steepest, cls)(params, log_every=3)
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["log_every"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -9,6 +10,8 @@ from ..core import checks
 from ..core import multitensor as mt
 from ..core.global_step import GlobalStepOptimizer, growth_rate_check, total
 from ..core.registry import register
+
+_LOG = logging.getLogger(__name__)
 
 _DADAPT_SKIP = {
     "param_groups": "D is estimated jointly over all param groups, so one optimizer over two groups is not two "
@@ -35,7 +38,8 @@ class DAdaptAdam(GlobalStepOptimizer):
 
     ``lr`` multiplies the adapted step (leave it at 1). Weight decay is L2 (g <- g + wd p) unless
     ``decouple=True`` (AdamW style, scaled by dlr). ``layer_scale`` (a param-group option) scales a
-    group's step. Defaults: lr 1, betas (0.9, 0.999), eps 1e-8, weight_decay 0, d0 1e-6,
+    group's step. ``log_every=n`` logs the D estimate every n steps (``logging``, INFO), as the package.
+    Defaults: lr 1, betas (0.9, 0.999), eps 1e-8, weight_decay 0, log_every 0, d0 1e-6,
     growth_rate inf. State: s, exp_avg, exp_avg_sq (3 words); d, k and N live in every param group
     (``group["d"]`` is the current D estimate).
 
@@ -46,7 +50,7 @@ class DAdaptAdam(GlobalStepOptimizer):
 
     Differences from the package: betas, decouple, use_bias_correction, d0 and growth_rate must agree
     across param groups (the package silently reads group 0); p.grad is never modified (the package adds
-    L2 decay into it); no ``log_every``; the running numerator in the groups is the whole model's (the package keeps
+    L2 decay into it); the running numerator in the groups is the whole model's (the package keeps
     each process's share and all-reduces it). If sum ||s||_1 is zero
     (all gradients zero so far) the moments are updated and nothing else, as in the package. After the
     first counted step (with b2 > 0 and every layer scale > 0) the moments and the descent are one pass over
@@ -60,17 +64,19 @@ class DAdaptAdam(GlobalStepOptimizer):
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "eps": checks.positive,
                    "weight_decay": checks.nonnegative, "decouple": checks.boolean,
                    "use_bias_correction": checks.boolean, "d0": checks.positive, "growth_rate": growth_rate_check,
-                   "layer_scale": checks.nonnegative}
-    shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate")
+                   "layer_scale": checks.nonnegative, "log_every": checks.integer(0)}
+    shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate", "log_every")
+    later_defaults = {"log_every": 0}
     fusable = True
     shardable = True
 
-    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decouple=False,
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, log_every=0, decouple=False,
                  use_bias_correction=False, d0=1e-6, growth_rate=math.inf, layer_scale=1.0, *, maximize=False,
                  **engine):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, decouple=decouple, use_bias_correction=use_bias_correction,
-                        d0=d0, growth_rate=growth_rate, layer_scale=layer_scale, maximize=maximize)
+                        weight_decay=weight_decay, log_every=log_every, decouple=decouple,
+                        use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
+                        layer_scale=layer_scale, maximize=maximize)
         super().__init__(params, defaults, **engine)
 
     def init_state(self, p, group):
@@ -156,9 +162,13 @@ class DAdaptAdam(GlobalStepOptimizer):
                               "authors' package skips; the step was already taken with the moments",
                               RuntimeWarning, stacklevel=3)
             return
+        d_hat = d
         if lr > 0:
             d_hat = nw / ((1 - sqrt_beta2) * sk_l1)
             d = max(d, min(d_hat, d * growth_rate))
+        if g0["log_every"] > 0 and k % g0["log_every"] == 0:
+            _LOG.info("DAdaptAdam step %d: lr %g, dlr %g, d_hat %g, d %g, sk_l1 %.1e, numerator_weighted %.1e", k, lr,
+                      dlr, d_hat, d, sk_l1, nw)
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, k=k + 1)
         for part in parts:
@@ -187,7 +197,8 @@ class DAdaptSGD(GlobalStepOptimizer):
         N += dlr <g, s>;   s += dlr g;   d_hat = 2 N / ||s||;   d = max(d, min(d_hat, d growth_rate))
         z = x0 - s;   p <- (1 - ck) p + ck z   with ck = 1 - momentum
 
-    ``lr`` multiplies the adapted step (leave it at 1). Defaults: lr 1, momentum 0, weight_decay 0,
+    ``lr`` multiplies the adapted step (leave it at 1). ``log_every=n`` logs the D estimate every n steps
+    (``logging``, INFO), as the package. Defaults: lr 1, momentum 0, weight_decay 0, log_every 0,
     d0 1e-6, growth_rate inf. State: s and x0 (2 words; x0 at the param's working precision whatever ``state_dtype``
     says); d, k, N and g0_norm live in every param group.
 
@@ -209,15 +220,16 @@ class DAdaptSGD(GlobalStepOptimizer):
     """
 
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "weight_decay": checks.nonnegative,
-                   "d0": checks.positive, "growth_rate": growth_rate_check}
-    shared_options = ("momentum", "weight_decay", "d0", "growth_rate")
+                   "d0": checks.positive, "growth_rate": growth_rate_check, "log_every": checks.integer(0)}
+    shared_options = ("momentum", "weight_decay", "d0", "growth_rate", "log_every")
+    later_defaults = {"log_every": 0}
     fusable = True
     shardable = True
 
-    def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, d0=1e-6, growth_rate=math.inf, *,
-                 maximize=False, **engine):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
-                        maximize=maximize)
+    def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, log_every=0, d0=1e-6, growth_rate=math.inf,
+                 *, maximize=False, **engine):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
+                        growth_rate=growth_rate, maximize=maximize)
         super().__init__(params, defaults, **engine)
 
     exact_states = ("x0",)
@@ -296,6 +308,9 @@ class DAdaptSGD(GlobalStepOptimizer):
                               "authors' package skips; the step was already taken with s", RuntimeWarning,
                               stacklevel=3)
             return
+        if g0["log_every"] > 0 and k % g0["log_every"] == 0:
+            _LOG.info("DAdaptSGD step %d: dlr %g, d %g, sk_norm %g, numerator_weighted %g, g0_norm %g", k, dlr, d,
+                      math.sqrt(sk_sq), nw, g0_norm)
         for group in self.param_groups:
             group.update(numerator_weighted=nw, d=d, g0_norm=g0_norm, k=k + 1)
         for part in parts:
