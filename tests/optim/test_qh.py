@@ -197,3 +197,16 @@ def test_qhm_and_qhadam_minimise_an_ill_conditioned_quadratic():
             loss.backward()
             opt.step()
         assert float(0.5 * (scales * p.detach() ** 2).sum()) < 1e-4 * float(0.5 * scales.sum())
+
+
+def test_qhadam_takes_qhoptims_name_for_decoupled_decay():
+    """qhoptim.QHAdam(..., decouple_weight_decay=True) runs unchanged on steepest.QHAdam: the same step as
+    decoupled_weight_decay=True; the two names disagreeing is an error."""
+    arrays = make_arrays()
+    kwargs = dict(lr=1e-2, nus=(0.7, 1.0), weight_decay=0.1)
+    by_their_name = run_torch(lambda ps: steepest.QHAdam(ps, decouple_weight_decay=True, **kwargs), arrays)
+    by_ours = run_torch(lambda ps: steepest.QHAdam(ps, decoupled_weight_decay=True, **kwargs), arrays)
+    close(by_their_name, by_ours)
+    close(by_their_name, run_torch(lambda ps: qhoptim.QHAdam(ps, decouple_weight_decay=True, **kwargs), arrays))
+    with pytest.raises(ValueError, match="decouple_weight_decay"):
+        steepest.QHAdam([torch.nn.Parameter(torch.zeros(2))], decoupled_weight_decay=True, decouple_weight_decay=False)

@@ -116,9 +116,9 @@ class QHAdam(Optimizer):
     the mixed second moment, outside any bias correction. nus = (1, 1) is Adam with eps outside the
     corrected root (torch.optim.Adam's placement); QHAdam.from_nadam in qhoptim gives an NAdam-like pair.
     Weight decay: L2 (g <- g + wd p, also in g^2) by default as qhoptim; ``decoupled_weight_decay=True``
-    multiplies p by 1 - lr wd first (qhoptim's ``decouple_weight_decay``, QHAdamW). Defaults: lr 1e-3,
-    betas (0.9, 0.999), nus (1.0, 1.0) (qhoptim's; the paper suggests nus (0.7, 1.0) with betas
-    (0.995, 0.999)), eps 1e-8. State: exp_avg, exp_avg_sq (2 words). Matches qhoptim.pyt.QHAdam.
+    multiplies p by 1 - lr wd first (qhoptim's ``decouple_weight_decay``, QHAdamW; that name is accepted too).
+    Defaults: lr 1e-3, betas (0.9, 0.999), nus (1.0, 1.0) (qhoptim's; the paper suggests nus (0.7, 1.0) with
+    betas (0.995, 0.999)), eps 1e-8. State: exp_avg, exp_avg_sq (2 words). Matches qhoptim.pyt.QHAdam.
     """
 
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "nus": _nus,
@@ -128,7 +128,13 @@ class QHAdam(Optimizer):
     update = staticmethod(qhadam_update)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, *, maximize=False, **engine):
+                 decoupled_weight_decay=False, *, maximize=False, decouple_weight_decay=None, **engine):
+        if decouple_weight_decay is not None:  # qhoptim's name for it
+            checks.boolean("decouple_weight_decay", decouple_weight_decay)
+            if decoupled_weight_decay and not decouple_weight_decay:
+                raise ValueError("QHAdam: decouple_weight_decay (qhoptim's name) and decoupled_weight_decay disagree; "
+                                 "give one of them")
+            decoupled_weight_decay = decouple_weight_decay
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         nus=tuple(nus) if isinstance(nus, list) else nus, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
