@@ -28,8 +28,9 @@ def _loss(indexed):
     whole model, tensor) pairs), so that a shard's gradients are the whole model's."""
     total = 0.0
     for i, p in indexed:
-        scale = torch.linspace(0.5, 2.0 + i, p.numel(), dtype=p.dtype).reshape(p.shape)
-        total = total + (scale * (p - 0.3) ** 2).sum() + 0.1 * torch.sin(3 * p).sum()
+        x = p.full_tensor() if hasattr(p, "full_tensor") else p  # a DTensor's whole tensor (differentiable)
+        scale = torch.linspace(0.5, 2.0 + i, x.numel(), dtype=x.dtype).reshape(x.shape)
+        total = total + (scale * (x - 0.3) ** 2).sum() + 0.1 * torch.sin(3 * x).sum()
     return total
 
 
@@ -150,3 +151,62 @@ def test_zero_redundancy_optimizer_with_fsdp_in_use_takes_the_whole_model_step(t
             got = torch.load(tmp_path / f"out.{rank}")[name]
             for i, (a, b) in enumerate(zip(got, params)):
                 torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=f"{name} rank {rank} tensor {i}")
+
+
+ELEMENTWISE = ["AdamW", "SGD", "Lion", "Adan", "NAdamW"]
+
+
+def _dtensor_worker(rank, store, out):
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {}
+        for name in ELEMENTWISE:
+            for compile in (False, True):
+                params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+                opt = getattr(steepest, name)(params, lr=0.05, compile=compile)
+                for _ in range(STEPS):
+                    opt.zero_grad()
+                    _loss(list(enumerate(params))).backward()
+                    opt.step()
+                results[name, compile] = [p.full_tensor().detach() for p in params]
+        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+        before = [p.full_tensor().detach() for p in params]
+        opt = steepest.TAM(params, lr=0.05)
+        _loss(list(enumerate(params))).backward()
+        try:
+            opt.step()
+            results["refused"] = None
+        except TypeError as err:
+            unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, params)) and not opt.state
+            results["refused"] = (str(err), unchanged)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_params_of_fsdp2_step_elementwise_methods_as_whole_tensors(tmp_path):
+    """DTensor params sharded over two processes (as FSDP2 and tensor parallelism hold them): an elementwise method
+    takes the whole tensors' steps exactly, eager and with compile=True (such params step eager: the flat kernels
+    aliased their memory and the process crashed); a method that reduces over whole tensors refuses them naming
+    the param's type, before anything changes."""
+    mp.spawn(_dtensor_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "out.0")
+    for name in ELEMENTWISE:
+        params = make_params()
+        opt = getattr(steepest, name)(params, lr=0.05, compile=False)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            _loss(list(enumerate(params))).backward()
+            opt.step()
+        for compile in (False, True):
+            for a, b in zip(got[name, compile], params):
+                assert torch.equal(a, b.detach()), (name, compile)
+    message, unchanged = got["refused"]
+    assert "DTensor" in message and "TAM" in message and unchanged

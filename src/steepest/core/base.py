@@ -772,12 +772,22 @@ class Optimizer(torch.optim.Optimizer):
     def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Params with gradients, per group; every check that can fail runs here, before any change."""
         work = []
+        subclasses_ok = self.elementwise and not getattr(self, "needs_graph", False)
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                if not subclasses_ok and not mt.plain(p):
+                    # A DTensor's reductions and matrix products run over its shard's placement rules, not this
+                    # method's: in a two-process test TAM, NovoGrad, Muon and ALR-SMAG took other steps than on
+                    # the whole tensors, and K-FAC, Shampoo, SOAP and the Hessian methods failed mid-step.
+                    raise TypeError(f"{type(self).__name__}: param {pi} of group {gi} is a {type(p).__name__} (a "
+                                    f"tensor subclass with its own ops, such as the DTensor params of FSDP2 or tensor "
+                                    f"parallelism); this method reduces over whole tensors or the model or multiplies "
+                                    f"matrices, which such params would not compute as one tensor: pass plain tensors, "
+                                    f"or use an elementwise method (AdamW, Lion, Adan, SGD, ...)")
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {pi} "
                                        f"of group {gi}); use torch.optim.SparseAdam or densify the gradient")
@@ -947,6 +957,10 @@ class Optimizer(torch.optim.Optimizer):
         return cls.per_tensor and (cls.elementwise or cls.whole_tensor_reductions or cls.matrix_view)
 
     def _fusable(self, p: Tensor, g: Tensor, states: dict[str, list[Tensor]], i: int) -> bool:
+        # Tensor subclasses that dispatch their own ops (DTensor params of FSDP2 / tensor parallelism) have no local
+        # memory the flat kernels could alias: they go eager, through their own ops (aliased, the process crashed).
+        if not (mt.plain(p) and mt.plain(g)):
+            return False
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
         if p.numel() < 2 or not p.is_contiguous() or not g.is_contiguous():
             return False

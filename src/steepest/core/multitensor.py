@@ -302,9 +302,20 @@ def clone(xs: TensorList) -> list[Tensor]:
     return [x.clone() for x in xs]
 
 
+def plain(t: Tensor) -> bool:
+    """Whether t is an ordinary tensor (or Parameter) rather than a subclass that dispatches its own ops, such as a
+    DTensor (FSDP2, tensor parallelism): those take the eager path, tensor by tensor where a for-each op has no rule
+    for them."""
+    return type(t).__torch_dispatch__ is Tensor.__torch_dispatch__
+
+
 def copy_(xs: TensorList, ys: TensorList) -> None:
     """xs[:] = ys."""
-    torch._foreach_copy_(xs, ys)
+    if all(plain(x) for x in xs) and all(plain(y) for y in ys):
+        torch._foreach_copy_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.copy_(y)
 
 
 def dot_friendly(xs: TensorList) -> bool:
