@@ -12,7 +12,7 @@ prodigyopt = pytest.importorskip("prodigyopt")
 
 from steepest.optim.prodigy import Prodigy  # noqa: E402
 
-from .trajectory import PACKAGE_SHAPES, PIECE_SHAPES, set_smooth_grads, torch_params  # noqa: E402
+from .trajectory import PACKAGE_SHAPES, PIECE_SHAPES, continue_in_step, set_smooth_grads, torch_params  # noqa: E402
 
 STEPS = 30
 
@@ -153,12 +153,7 @@ def test_slice_p_keeps_s_and_p0_over_every_kth_entry_and_round_trips():
     twin = [p.detach().clone().requires_grad_() for p in params]
     resumed = Prodigy(twin, slice_p=4, compile=True)
     resumed.load_state_dict(opt.state_dict())
-    for t in range(3, 6):
-        set_smooth_grads(params, t)
-        set_smooth_grads(twin, t)
-        opt.step()
-        resumed.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, twin))
+    continue_in_step(range(3, 6), (params, opt), (twin, resumed))
 
     z = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex128))
     opt = Prodigy([z], slice_p=2)

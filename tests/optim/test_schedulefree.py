@@ -9,7 +9,7 @@ schedulefree = pytest.importorskip("schedulefree")
 
 from steepest.optim.schedulefree import AdamWScheduleFree, SGDScheduleFree  # noqa: E402
 
-from .trajectory import set_smooth_grads, torch_params  # noqa: E402
+from .trajectory import continue_in_step, set_smooth_grads, torch_params  # noqa: E402
 
 STEPS = 25
 
@@ -135,12 +135,7 @@ def test_state_dict_in_eval_mode_round_trips():
     assert not opt2.param_groups[0]["train_mode"]
     opt.train()
     opt2.train()
-    for t in range(4, 8):
-        set_smooth_grads(a, t)
-        set_smooth_grads(b, t)
-        opt.step()
-        opt2.step()
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    continue_in_step(range(4, 8), (a, opt), (b, opt2))
 
 
 def _noisy_regression(seed=0, n=2048, d=20):

@@ -77,3 +77,15 @@ def step_alike(ref, params, opts, steps):
             b.grad = a.grad.clone()
         for opt in opts:
             opt.step()
+
+
+def continue_in_step(steps, *runs) -> None:
+    """Step each (params, optimizer) run on the same smooth gradients at steps ``steps``, then check that their params
+    are bitwise equal (a resumed run against the one it was saved from)."""
+    for t in steps:
+        for params, opt in runs:
+            set_smooth_grads(params, t)
+            opt.step()
+    first = runs[0][0]
+    for params, _ in runs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(first, params))
