@@ -3,6 +3,8 @@ process takes over the whole model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -153,7 +155,29 @@ def test_zero_redundancy_optimizer_with_fsdp_in_use_takes_the_whole_model_step(t
                 torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=f"{name} rank {rank} tensor {i}")
 
 
-ELEMENTWISE = ["AdamW", "SGD", "Lion", "Adan", "NAdamW"]
+# Elementwise methods, and the global-step ones whose numbers are sums (DTensor's partial sums, all-reduced).
+DTENSOR_CASES = [("AdamW", dict(lr=0.05)), ("SGD", dict(lr=0.05, momentum=0.9)), ("Lion", dict(lr=0.05)),
+                 ("Adan", dict(lr=0.05)), ("NAdamW", dict(lr=0.05))] + CASES
+
+
+def _dtensor_run(name, kwargs, params, compile, poison=None):
+    """STEPS steps of ``name`` over ``params`` (plain or DTensor); ``poison`` = (step, index, rank): a NaN into the
+    first local entry of that tensor's gradient there, on that process (on one process, rank None)."""
+    opt = getattr(steepest, name)(params, compile=compile, skip_nonfinite=poison is not None, **kwargs)
+    indexed = list(enumerate(params))
+    for t in range(STEPS):
+        def closure(t=t):
+            opt.zero_grad()
+            loss = _loss(indexed)
+            loss.backward()
+            if poison is not None and poison[0] == t:
+                grad = params[poison[1]].grad
+                local = grad.to_local() if hasattr(grad, "to_local") else grad
+                if poison[2] is None or poison[2] == dist.get_rank():
+                    local.view(-1)[0] = float("nan")
+            return loss
+        opt.step(closure)
+    return opt
 
 
 def _dtensor_worker(rank, store, out):
@@ -166,17 +190,21 @@ def _dtensor_worker(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
+
+        def dtensors():
+            return [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+
         results = {}
-        for name in ELEMENTWISE:
+        for name, kwargs in DTENSOR_CASES:
             for compile in (False, True):
-                params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
-                opt = getattr(steepest, name)(params, lr=0.05, compile=compile)
-                for _ in range(STEPS):
-                    opt.zero_grad()
-                    _loss(list(enumerate(params))).backward()
-                    opt.step()
+                params = dtensors()
+                _dtensor_run(name, kwargs, params, compile)
                 results[name, compile] = [p.full_tensor().detach() for p in params]
-        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+        for name, kwargs in (DTENSOR_CASES[0], CASES[0]):
+            params = dtensors()
+            opt = _dtensor_run(name, kwargs, params, False, poison=(2, 0, 1))
+            results[name, "nan"] = ([p.full_tensor().detach() for p in params], opt.skipped_steps)
+        params = dtensors()
         before = [p.full_tensor().detach() for p in params]
         opt = steepest.TAM(params, lr=0.05)
         _loss(list(enumerate(params))).backward()
@@ -186,27 +214,52 @@ def _dtensor_worker(rank, store, out):
         except TypeError as err:
             unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, params)) and not opt.state
             results["refused"] = (str(err), unchanged)
+        params = dtensors()
+        _loss(list(enumerate(params))).backward()
+        try:
+            steepest.Prodigy(params, slice_p=2).step()
+            results["slice_refused"] = None
+        except TypeError as err:
+            results["slice_refused"] = str(err)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_dtensor_params_of_fsdp2_step_elementwise_methods_as_whole_tensors(tmp_path):
-    """DTensor params sharded over two processes (as FSDP2 and tensor parallelism hold them): an elementwise method
-    takes the whole tensors' steps exactly, eager and with compile=True (such params step eager: the flat kernels
-    aliased their memory and the process crashed); a method that reduces over whole tensors refuses them naming
-    the param's type, before anything changes."""
+def test_dtensor_params_of_fsdp2_step_as_whole_tensors(tmp_path):
+    """DTensor params sharded over two processes (as FSDP2 and tensor parallelism hold them): elementwise methods and
+    the global-step methods take the whole tensors' steps exactly, eager and with compile=True (such params step
+    eager: the flat kernels aliased their memory and the process crashed); a NaN in one process's shard skips the
+    step on both (skip_nonfinite), as on the whole tensors; a method that reduces over whole tensors (TAM) refuses
+    them naming the param's type, before anything changes, and so does Prodigy's slice_p (a strided flat view).
+    The shapes shard unevenly (5 rows over 2 processes, a 1-element tensor with an empty shard)."""
     mp.spawn(_dtensor_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "out.0")
-    for name in ELEMENTWISE:
+    for name, kwargs in DTENSOR_CASES:
         params = make_params()
-        opt = getattr(steepest, name)(params, lr=0.05, compile=False)
-        for _ in range(STEPS):
-            opt.zero_grad()
-            _loss(list(enumerate(params))).backward()
-            opt.step()
+        _dtensor_run(name, kwargs, params, False)
         for compile in (False, True):
             for a, b in zip(got[name, compile], params):
-                assert torch.equal(a, b.detach()), (name, compile)
+                torch.testing.assert_close(a, b.detach(), rtol=1e-13, atol=1e-15, msg=f"{name} compile={compile}")
+    for name, kwargs in (DTENSOR_CASES[0], CASES[0]):
+        params = make_params()
+        # Rank 1 holds the last rows of tensor 0 (Shard(0) gives rank 0 the first ceil(5/2) = 3): its first local
+        # entry is row 3, column 0 of the whole tensor.
+        first_of_rank1 = math.ceil(params[0].shape[0] / WORLD)
+        opt = getattr(steepest, name)(params, compile=False, skip_nonfinite=True, **kwargs)
+        for t in range(STEPS):
+            def closure(t=t, opt=opt, params=params, row=first_of_rank1):
+                opt.zero_grad()
+                loss = _loss(list(enumerate(params)))
+                loss.backward()
+                if t == 2:
+                    params[0].grad[row, 0] = float("nan")
+                return loss
+            opt.step(closure)
+        tensors, skipped = got[name, "nan"]
+        assert skipped == opt.skipped_steps == 1
+        for a, b in zip(tensors, params):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-13, atol=1e-15, msg=name)
     message, unchanged = got["refused"]
     assert "DTensor" in message and "TAM" in message and unchanged
+    assert "slice_p" in got["slice_refused"]

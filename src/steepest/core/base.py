@@ -649,6 +649,12 @@ class Optimizer(torch.optim.Optimizer):
         self._reset_caches()
 
     # ----------------------------------------------------------------------------------- validation
+    @classmethod
+    def takes_dtensor_params(cls) -> bool:
+        """Whether params that are tensor subclasses with their own ops (DTensor: FSDP2, tensor parallelism) step
+        as whole tensors would: elementwise updates (no reduction, no matrix product), without Hessian products."""
+        return cls.elementwise and not getattr(cls, "needs_graph", False)
+
     def weight_decay_mode_of(self, group: Mapping[str, Any]) -> str:
         """How ``group``'s weight decay is applied: the class's ``weight_decay_mode`` unless a method lets the group
         choose."""
@@ -772,7 +778,7 @@ class Optimizer(torch.optim.Optimizer):
     def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         """Params with gradients, per group; every check that can fail runs here, before any change."""
         work = []
-        subclasses_ok = self.elementwise and not getattr(self, "needs_graph", False)
+        subclasses_ok = self.takes_dtensor_params()
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
@@ -780,9 +786,10 @@ class Optimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 if not subclasses_ok and not mt.plain(p):
-                    # A DTensor's reductions and matrix products run over its shard's placement rules, not this
-                    # method's: in a two-process test TAM, NovoGrad, Muon and ALR-SMAG took other steps than on
-                    # the whole tensors, and K-FAC, Shampoo, SOAP and the Hessian methods failed mid-step.
+                    # A DTensor's reduction is a partial sum whose .item() is this process's share, and its matrix
+                    # products follow placement rules, not this method's: in a two-process test TAM, NovoGrad and
+                    # Muon took other steps than on the whole tensors, and K-FAC, Shampoo, SOAP and the Hessian
+                    # methods failed mid-step.
                     raise TypeError(f"{type(self).__name__}: param {pi} of group {gi} is a {type(p).__name__} (a "
                                     f"tensor subclass with its own ops, such as the DTensor params of FSDP2 or tensor "
                                     f"parallelism); this method reduces over whole tensors or the model or multiplies "
@@ -802,16 +809,29 @@ class Optimizer(torch.optim.Optimizer):
     @staticmethod
     def _grads_finite(work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        shards: list[Tensor] = []
         for _, params in work:
             for p in params:
                 g = p.grad
-                by_device[g.device].append(as_real(g))
+                if mt.plain(g) or not hasattr(g, "to_local"):
+                    by_device[g.device].append(as_real(g))
+                else:
+                    shards.append(g.to_local())
         for grads in by_device.values():
             grads = [g for g in grads if g.numel() > 0]
             if grads:
                 peaks = torch._foreach_norm(grads, ord=math.inf)
                 if not bool(torch.stack([x.float() for x in peaks]).isfinite().all()):
                     return False
+        if shards:
+            # DTensor gradients: every process decides on the whole tensors (one that skipped while the others
+            # stepped would leave the shards out of step). Their local shards may be empty (uneven sharding).
+            import torch.distributed as dist
+
+            bad = torch.tensor([0.0 if all(bool(x.isfinite().all()) for x in shards) else 1.0],
+                               device=shards[0].device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            return bool(bad.item() == 0.0)
         return True
 
     def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,10 @@ def total(values: list[Tensor]) -> float:
     the device, one host synchronisation."""
     if not values:
         return 0.0
+    if not all(mt.plain(v) for v in values):
+        # DTensor reductions are partial sums over each process's shard (their .item() is this process's share):
+        # one all-reduce of the stacked values makes them the whole tensors'.
+        return float(torch.stack([v.reshape(()) for v in values]).full_tensor().double().sum())
     if all(v.device.type == "cpu" for v in values):
         return math.fsum(v.item() for v in values)
     t = torch.stack([v.reshape(()) for v in values])
@@ -123,6 +127,12 @@ class GlobalStepOptimizer(Optimizer):
         super().__init__(params, defaults, **engine)
         self._pending: list[tuple[dict[str, Any], list[Tensor]]] | None = None
 
+    @classmethod
+    def takes_dtensor_params(cls) -> bool:
+        """The base's, and the methods whose global numbers are sums (``shardable``): totalled through
+        :func:`total`, a DTensor's partial sums become the whole tensors'."""
+        return cls.shardable or super().takes_dtensor_params()
+
     def engine_options(self) -> dict[str, Any]:
         """The base's, and ``fsdp_in_use``."""
         return {**super().engine_options(), "fsdp_in_use": getattr(self, "fsdp_in_use", False)}
@@ -150,6 +160,9 @@ class GlobalStepOptimizer(Optimizer):
 
     def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         work = super()._collect()
+        if work and self.fsdp_in_use and not all(mt.plain(p) for _, params in work for p in params):
+            raise TypeError(f"{type(self).__name__}: fsdp_in_use=True with DTensor params (FSDP2) would count every "
+                            f"sum once per process: their sums are the whole tensors' already; leave it out")
         if work and self.sharded():
             import torch.distributed as dist
 

@@ -324,7 +324,13 @@ def dot_friendly(xs: TensorList) -> bool:
     # ATen's CPU norm of a float32 tensor reads at about half the memory bandwidth and rounds more than a dot
     # product of the tensor with itself (16M normal floats: 2.2 ms and relative error 8e-4, against 1.1 ms and
     # 1e-4); elsewhere the for-each norm is one fused launch.
-    return all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) for x in xs)
+    return all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and plain(x) for x in xs)
+
+
+def _sharded(xs: TensorList) -> bool:
+    """Whether some tensor is a subclass with its own ops (a DTensor): its reductions are whole-tensor sums of its
+    own (partial over the processes), and it cannot always be flattened (an uneven shard)."""
+    return not all(plain(x) for x in xs)
 
 
 def wide_sum(x: Tensor) -> Tensor:
@@ -345,6 +351,8 @@ def squared_norms(xs: TensorList) -> list[Tensor]:
         return [wide_sum(x * x) for x in xs]
     if dot_friendly(xs):
         return [torch.dot(f, f) for f in (x.reshape(-1) for x in xs)]
+    if _sharded(xs):
+        return [(x * x).sum() for x in xs]
     return [n * n for n in torch._foreach_norm(xs)]
 
 
@@ -354,7 +362,7 @@ def norms(xs: TensorList) -> list[Tensor]:
         # The for-each norm has no compiler lowering (a separate eager call); the plain norm becomes a
         # reduction inside the fused kernel.
         return [wide_sum(x * x).sqrt() for x in xs]
-    if dot_friendly(xs):
+    if dot_friendly(xs) or _sharded(xs):
         return [s.sqrt() for s in squared_norms(xs)]
     return list(torch._foreach_norm(xs))
 
@@ -364,6 +372,8 @@ def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
     if compiling():
         # torch.dot compiles to an external BLAS call after a separate pass; a product-sum fuses.
         return [wide_sum(x * y) for x, y in zip(xs, ys)]
+    if _sharded(xs) or _sharded(ys):
+        return [(x * y).sum() for x, y in zip(xs, ys)]
     return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
 
 
@@ -378,4 +388,6 @@ def l1_norms(xs: TensorList, scratch: TensorList | None = None) -> list[Tensor]:
         if scratch is None:
             return [x.abs().sum() for x in xs]
         return [torch.abs(x, out=t).sum() for x, t in zip(xs, scratch)]
+    if _sharded(xs):
+        return [x.abs().sum() for x in xs]
     return list(torch._foreach_norm(xs, 1)) if xs else []

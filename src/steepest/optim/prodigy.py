@@ -89,6 +89,14 @@ class Prodigy(GlobalStepOptimizer):
 
     later_defaults = {"slice_p": 1}
 
+    def _collect(self):
+        work = super()._collect()
+        for group, params in work:
+            if group["slice_p"] > 1 and not all(mt.plain(p) for p in params):
+                raise TypeError("Prodigy: slice_p > 1 takes every k-th entry of the flattened param, which a DTensor "
+                                "param (FSDP2, tensor parallelism) cannot give; use slice_p=1 with such params")
+        return work
+
     def init_state(self, p, group):
         # slice_p > 1: s and p0 over every slice_p-th entry of the flattened param, as the package's.
         sliced = p if group["slice_p"] == 1 else p.detach().reshape(-1)[::group["slice_p"]]
