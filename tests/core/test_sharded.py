@@ -263,3 +263,19 @@ def test_dtensor_params_of_fsdp2_step_as_whole_tensors(tmp_path):
     message, unchanged = got["refused"]
     assert "DTensor" in message and "TAM" in message and unchanged
     assert "slice_p" in got["slice_refused"]
+
+
+def test_fsdp_flat_params_refused_by_per_tensor_methods_and_taken_by_elementwise_ones():
+    """A FullyShardedDataParallel flat param (``_fsdp_flattened``) holds pieces of several tensors: TAM's per-tensor
+    cosine would span them, so TAM refuses it naming FullyShardedDataParallel, before any change; AdamW steps it."""
+    params = make_params()
+    for p in params:
+        p._fsdp_flattened = True
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    tam = steepest.TAM(params, lr=0.1)
+    with pytest.raises(TypeError, match="FullyShardedDataParallel"):
+        tam.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not tam.state
+    steepest.AdamW(params, lr=0.1).step()
+    assert not torch.equal(before[0], params[0])

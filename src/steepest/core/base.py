@@ -795,6 +795,12 @@ class Optimizer(torch.optim.Optimizer):
                                     f"parallelism); this method reduces over whole tensors or the model or multiplies "
                                     f"matrices, which such params would not compute as one tensor: pass plain tensors, "
                                     f"or use an elementwise method (AdamW, Lion, Adan, SGD, ...)")
+                if not subclasses_ok and getattr(p, "_fsdp_flattened", False):
+                    raise TypeError(f"{type(self).__name__}: param {pi} of group {gi} is a FullyShardedDataParallel "
+                                    f"parameter (a shard of flattened tensors); this method's per-tensor or matrix "
+                                    f"statistics would span pieces of several of the model's tensors: use an "
+                                    f"elementwise method (AdamW, Lion, ...) or a global-step one (DoG, Prodigy, "
+                                    f"D-Adaptation) with FSDP")
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {pi} "
                                        f"of group {gi}); use torch.optim.SparseAdam or densify the gradient")
