@@ -143,13 +143,17 @@ class GlobalStepOptimizer(Optimizer):
         return getattr(self, "fsdp_in_use", False) or (self.shardable and any(
             getattr(p, "_fsdp_flattened", False) for group in self.param_groups for p in group["params"]))
 
+    def _sharded_now(self) -> bool:
+        flag = getattr(self, "_step_sharded", None)
+        return self.sharded() if flag is None else flag
+
     def global_sum(self, values: list[float]) -> list[float]:
         """``values`` (this process's sums over its params) summed over every process of the default group when the
         params are sharded (one all-reduce, float64, on the params' device), else as they are.
 
         Every process must call it as often, in the same order: each must hold params with gradients (an empty
         shard skips the step, and the others wait for it)."""
-        if not self.sharded():
+        if not self._sharded_now():
             return list(values)
         import torch.distributed as dist
 
@@ -163,7 +167,9 @@ class GlobalStepOptimizer(Optimizer):
         if work and self.fsdp_in_use and not all(mt.plain(p) for _, params in work for p in params):
             raise TypeError(f"{type(self).__name__}: fsdp_in_use=True with DTensor params (FSDP2) would count every "
                             f"sum once per process: their sums are the whole tensors' already; leave it out")
-        if work and self.sharded():
+        # Decided once a step (a look at every param): global_sum and _grads_finite read it.
+        self._step_sharded = bool(work) and self.sharded()
+        if self._step_sharded:
             import torch.distributed as dist
 
             if not (dist.is_available() and dist.is_initialized()):
@@ -174,7 +180,7 @@ class GlobalStepOptimizer(Optimizer):
     def _grads_finite(self, work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:
         # Sharded, every process skips or none does (one that skipped would leave the others in an all-reduce).
         local = Optimizer._grads_finite(work)
-        if not self.sharded():
+        if not self._sharded_now():
             return local
         return self.global_sum([0.0 if local else 1.0])[0] == 0.0
 
