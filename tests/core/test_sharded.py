@@ -155,9 +155,10 @@ def test_zero_redundancy_optimizer_with_fsdp_in_use_takes_the_whole_model_step(t
                 torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=f"{name} rank {rank} tensor {i}")
 
 
-# Elementwise methods, and the global-step ones whose numbers are sums (DTensor's partial sums, all-reduced).
+# Elementwise methods, Muon (each matrix gathered whole), and the global-step ones whose numbers are sums (DTensor's
+# partial sums, all-reduced).
 DTENSOR_CASES = [("AdamW", dict(lr=0.05)), ("SGD", dict(lr=0.05, momentum=0.9)), ("Lion", dict(lr=0.05)),
-                 ("Adan", dict(lr=0.05)), ("NAdamW", dict(lr=0.05))] + CASES
+                 ("Adan", dict(lr=0.05)), ("NAdamW", dict(lr=0.05)), ("Muon", dict(lr=0.02, adamw_lr=1e-2))] + CASES
 
 
 def _dtensor_run(name, kwargs, params, compile, poison=None):
@@ -227,9 +228,9 @@ def _dtensor_worker(rank, store, out):
 
 
 def test_dtensor_params_of_fsdp2_step_as_whole_tensors(tmp_path):
-    """DTensor params sharded over two processes (as FSDP2 and tensor parallelism hold them): elementwise methods and
-    the global-step methods take the whole tensors' steps exactly, eager and with compile=True (such params step
-    eager: the flat kernels aliased their memory and the process crashed); a NaN in one process's shard skips the
+    """DTensor params sharded over two processes (as FSDP2 and tensor parallelism hold them): elementwise methods,
+    Muon and the global-step methods take the whole tensors' steps exactly, eager and with compile=True (such params
+    step eager: the flat kernels aliased their memory and the process crashed); a NaN in one process's shard skips the
     step on both (skip_nonfinite), as on the whole tensors; a method that reduces over whole tensors (TAM) refuses
     them naming the param's type, before anything changes, and so does Prodigy's slice_p (a strided flat view).
     The shapes shard unevenly (5 rows over 2 processes, a 1-element tensor with an empty shard)."""

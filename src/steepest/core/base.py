@@ -787,9 +787,9 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 if not subclasses_ok and not mt.plain(p):
                     # A DTensor's reduction is a partial sum whose .item() is this process's share, and its matrix
-                    # products follow placement rules, not this method's: in a two-process test TAM, NovoGrad and
-                    # Muon took other steps than on the whole tensors, and K-FAC, Shampoo, SOAP and the Hessian
-                    # methods failed mid-step.
+                    # products follow placement rules, not this method's: in a two-process test TAM and NovoGrad
+                    # took other steps than on the whole tensors, and K-FAC, Shampoo, SOAP and the Hessian methods
+                    # failed mid-step.
                     raise TypeError(f"{type(self).__name__}: param {pi} of group {gi} is a {type(p).__name__} (a "
                                     f"tensor subclass with its own ops, such as the DTensor params of FSDP2 or tensor "
                                     f"parallelism); this method reduces over whole tensors or the model or multiplies "

@@ -64,11 +64,19 @@ def muon_update(params, grads, momentum_buffer, *, lr, momentum, nesterov=True, 
                 ns_dtype=torch.bfloat16, ns_eps=1e-7, scale="jordan"):
     """b <- lerp(b, g, 1 - mu); d = lerp(g, b, mu) (Nesterov) or b; p <- p - lr * factor * NS(d as a matrix).
 
-    Matrices of the same 2D shape go through the iteration together, stacked into one batch (bmm).
+    Matrices of the same 2D shape go through the iteration together, stacked into one batch (bmm). A DTensor
+    direction (FSDP2, tensor parallelism) is gathered whole, orthogonalised on every process alike, and each process
+    keeps its own shard of the result: the whole matrix's step, at the cost of every process running every matrix's
+    iteration.
     """
     mt.lerp_(momentum_buffer, grads, 1.0 - momentum)
     directions = [torch.lerp(g, b, momentum) for g, b in zip(grads, momentum_buffer)] if nesterov \
         else list(momentum_buffer)
+    layouts = {}  # index -> (mesh, placements) of a DTensor direction, gathered whole
+    for i, d in enumerate(directions):
+        if not mt.plain(d):
+            layouts[i] = (d.device_mesh, d.placements)
+            directions[i] = d.full_tensor()
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         if p.numel() > 0:
@@ -78,7 +86,13 @@ def muon_update(params, grads, momentum_buffer, *, lr, momentum, nesterov=True, 
         ortho = newton_schulz(batch, ns_steps, dtype=ns_dtype, eps=ns_eps)
         step = -lr * shape_factor(rows, cols, scale)
         for j, i in enumerate(idx):
-            params[i].add_(ortho[j].reshape(params[i].shape), alpha=step)
+            update = ortho[j].reshape(params[i].shape)
+            if i in layouts:
+                from torch.distributed.tensor import distribute_tensor
+
+                # Every process holds the same whole result: each takes its own shard, no communication.
+                update = distribute_tensor(update, *layouts[i], src_data_rank=None)
+            params[i].add_(update, alpha=step)
 
 
 def fallback_lr(group: dict[str, Any], key: str, lr: float) -> float:
@@ -217,6 +231,12 @@ class Muon(Optimizer):
                    "adamw_weight_decay": checks.nonnegative}
     weight_decay_mode = "custom"
     elementwise = False
+
+    @classmethod
+    def takes_dtensor_params(cls) -> bool:
+        """DTensor params too: the iteration runs on each matrix gathered whole (see :func:`muon_update`); the
+        AdamW fallback is elementwise."""
+        return True
     per_tensor = False
     fusable = False  # Newton-Schulz is matmul-bound: no torch.compile elementwise target
     update = staticmethod(muon_update)
