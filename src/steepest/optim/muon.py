@@ -77,6 +77,8 @@ def muon_update(params, grads, momentum_buffer, *, lr, momentum, nesterov=True, 
         if not mt.plain(d):
             layouts[i] = (d.device_mesh, d.placements)
             directions[i] = d.full_tensor()
+    if layouts:
+        from torch.distributed.tensor import distribute_tensor
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         if p.numel() > 0:
@@ -88,8 +90,6 @@ def muon_update(params, grads, momentum_buffer, *, lr, momentum, nesterov=True, 
         for j, i in enumerate(idx):
             update = ortho[j].reshape(params[i].shape)
             if i in layouts:
-                from torch.distributed.tensor import distribute_tensor
-
                 # Every process holds the same whole result: each takes its own shard, no communication.
                 update = distribute_tensor(update, *layouts[i], src_data_rank=None)
             params[i].add_(update, alpha=step)
@@ -231,15 +231,15 @@ class Muon(Optimizer):
                    "adamw_weight_decay": checks.nonnegative}
     weight_decay_mode = "custom"
     elementwise = False
+    per_tensor = False
+    fusable = False  # Newton-Schulz is matmul-bound: no torch.compile elementwise target
+    update = staticmethod(muon_update)
 
     @classmethod
     def takes_dtensor_params(cls) -> bool:
         """DTensor params too: the iteration runs on each matrix gathered whole (see :func:`muon_update`); the
         AdamW fallback is elementwise."""
         return True
-    per_tensor = False
-    fusable = False  # Newton-Schulz is matmul-bound: no torch.compile elementwise target
-    update = staticmethod(muon_update)
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
                  ns_eps=1e-7, weight_decay=0.0, scale="jordan", use_muon=None, adamw_lr=3e-4,
