@@ -125,3 +125,65 @@ def test_adam_decoupled_weight_decay_per_group_and_older_state_dicts():
     assert fresh.param_groups[0]["decoupled_weight_decay"] is False
     with pytest.raises(TypeError, match="decoupled_weight_decay"):
         steepest.Adam(params, decoupled_weight_decay="yes")
+
+
+class _Schedule:
+    """Steps ``opt``, updating its param groups with ``changes[t]`` after step t (a hyperparameter schedule)."""
+
+    def __init__(self, opt, changes):
+        self.opt, self.changes, self.steps = opt, changes, 0
+
+    def step(self):
+        self.opt.step()
+        for group in self.opt.param_groups:
+            group.update(self.changes.get(self.steps, {}))
+        self.steps += 1
+
+
+SGD_SCHEDULES = [
+    (dict(lr=0.05), {3: dict(momentum=0.9)}),
+    (dict(lr=0.05, weight_decay=1e-2, maximize=True), {3: dict(momentum=0.9, dampening=0.5)}),
+    (dict(lr=0.05), {3: dict(momentum=0.9, nesterov=True)}),
+    (dict(lr=0.05, momentum=0.9, dampening=0.3), {3: dict(momentum=0.0), 8: dict(momentum=0.8)}),
+]
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("kwargs, changes", SGD_SCHEDULES)
+def test_sgd_momentum_schedule_equals_torch_optim(kwargs, changes, compile_):
+    """Momentum changed between steps, from 0 (the buffer starts as b = g at its first use) and to 0 (a plain step,
+    the buffer kept for later), as torch.optim.SGD does."""
+    ours = run(lambda ps: _Schedule(steepest.SGD(ps, compile=compile_, **kwargs), changes), torch.float64)
+    theirs = run(lambda ps: _Schedule(torch.optim.SGD(ps, foreach=False, **kwargs), changes), torch.float64)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["from_torch", "to_torch"])
+@pytest.mark.parametrize("kwargs, changes", [SGD_SCHEDULES[0], SGD_SCHEDULES[3]])
+def test_sgd_state_dict_after_a_momentum_change_moves_between_torch_and_steepest(kwargs, changes, direction):
+    """A state_dict written after momentum changed (a buffer under momentum 0, or none under momentum 0.9)
+    loads both ways and continues torch.optim.SGD's run."""
+    first, second = (torch.optim.SGD, steepest.SGD) if direction == "from_torch" else (steepest.SGD, torch.optim.SGD)
+    want = run(lambda ps: _Schedule(torch.optim.SGD(ps, **kwargs), changes), torch.float64, steps=12)
+
+    def handover(ps):
+        return _HandoverAt(_Schedule(first(ps, **kwargs), changes), lambda: second(ps, **kwargs), at=6)
+
+    got = run(handover, torch.float64, steps=12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+class _HandoverAt:
+    """Steps a schedule; before step ``at`` its optimizer's state_dict goes to a new one ``make()`` builds."""
+
+    def __init__(self, sched, make, at):
+        self.sched, self.make, self.at = sched, make, at
+
+    def step(self):
+        if self.sched.steps == self.at:
+            nxt = self.make()
+            nxt.load_state_dict(self.sched.opt.state_dict())
+            self.sched.opt = nxt
+        self.sched.step()

@@ -590,6 +590,12 @@ class Optimizer(torch.optim.Optimizer):
     # rounding a later inverse or root would magnify (Shampoo's factors and roots).
     precise_state_prefixes: ClassVar[tuple[str, ...]] = ()
     needs_closure: ClassVar[bool] = False
+    # States a group uses only under some of its hyperparameters (SGD's momentum buffer while momentum != 0), each
+    # with the test on the group. When a hyperparameter changes between steps (a momentum schedule starting at 0),
+    # the state is created at the param's next step, as torch.optim.SGD creates its buffer; one kept while unused
+    # is left as it is and not passed to the update (torch.optim.SGD's buffer waits the same way). A state_dict with
+    # or without them loads. Such states are shaped like their param.
+    optional_states: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], bool]]] = {}
     update: ClassVar[Callable[..., None]]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, compile: bool | str = "auto",
@@ -840,13 +846,33 @@ class Optimizer(torch.optim.Optimizer):
             return bool(bad.item() == 0.0)
         return True
 
-    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """p's state, initialised (``init_state``, step 0) on first use."""
+    def _state_of(self, p: Tensor, group: dict[str, Any], in_use: list[str] | None = None) -> dict[str, Any]:
+        """p's state, initialised (``init_state``, step 0) on first use, with the optional states its group uses
+        now (``in_use``: those of :meth:`optional_in_use`, if the caller has them) added where missing."""
         state = self.state[p]
         if not state:
             state.update(self.init_state(p, group))
             state["step"] = 0
+        elif self.optional_states:
+            missing = [k for k in (self.optional_in_use(group) if in_use is None else in_use) if k not in state]
+            if missing:
+                fresh = self.init_state(p, group)
+                state.update({k: fresh[k] for k in missing})
+                self.optional_states_added(state, missing)
         return state
+
+    def optional_in_use(self, group: Mapping[str, Any]) -> list[str]:
+        """The ``optional_states`` the group uses at its current hyperparameters."""
+        return [k for k, used in self.optional_states.items() if used(group)]
+
+    def optional_states_added(self, state: dict[str, Any], keys: list[str]) -> None:
+        """Called when a param's state gains ``optional_states`` (its group's hyperparameters changed)."""
+
+    def state_names(self, state: Mapping[str, Any], group: Mapping[str, Any]) -> list[str]:
+        """The keys of a param's state its update takes now: all but 'step' and the optional states the group
+        does not use at its current hyperparameters."""
+        optional = self.optional_states
+        return [k for k in state if k != "step" and (k not in optional or optional[k](group))]
 
     def _counted_by_kind(self, group: dict[str, Any], params: list[Tensor],
                          is_matrix: Callable[[Tensor], bool]) -> list[tuple[bool, int, list[Tensor]]]:
@@ -863,8 +889,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         buckets: dict[tuple, tuple[list[Tensor], list[dict[str, Any]]]] = {}
+        in_use = self.optional_in_use(group)
         for p in params:
-            state = self._state_of(p, group)
+            state = self._state_of(p, group, in_use)
             step = state["step"] = state["step"] + 1
             key = (p.device, p.dtype, p.grad.dtype, step)
             bucket = buckets.get(key)
@@ -877,7 +904,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _run_bucket(self, group: dict[str, Any], params: list[Tensor], step: int, device: torch.device,
                     param_states: list[dict[str, Any]]) -> None:
-        names = [k for k in param_states[0] if k != "step"]
+        names = self.state_names(param_states[0], group)
         grads = [p.grad for p in params]
         states = {k: [st[k] for st in param_states] for k in names}
         if params[0].is_complex():
@@ -1183,17 +1210,23 @@ class Optimizer(torch.optim.Optimizer):
                                  f"group lists")
             p, group = id_map[sid]
             template = self.init_state(torch.empty_like(p, device="meta"), group)
-            expected = set(template) | {"step"}
+            optional = set(self.optional_states)
+            required, allowed = (set(template) - optional) | {"step"}, set(template) | optional | {"step"}
             # torch.optim.SGD keeps momentum_buffer None without momentum, and counts no steps: a buffer it has
             # says it has stepped.
             st = {k: v for k, v in st.items() if v is not None}
-            if self.loads_stepless_state and "step" not in st and set(st) == set(template):
+            if self.loads_stepless_state and "step" not in st and set(template) <= set(st) <= allowed:
                 st["step"] = 1
             states[sid] = st
-            if set(st) != expected:
+            if not required <= set(st) <= allowed:
+                expected = sorted(required) + [f"{k} (optional)" for k in sorted(allowed - required)]
                 raise ValueError(f"{name}: the state of parameter {sid} has keys {sorted(st)}, expected "
-                                 f"{sorted(expected)}: the state_dict is from another optimizer or options")
-            for k, t in template.items():
+                                 f"{expected}: the state_dict is from another optimizer or options")
+            unused = {k: torch.empty_like(p, dtype=self.state_dtype_for(p), device="meta")
+                      for k in optional & set(st) - set(template)}
+            for k, t in {**template, **unused}.items():
+                if k not in st:
+                    continue
                 v = st[k]
                 if not isinstance(v, Tensor) or v.shape != t.shape:
                     got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__

@@ -83,7 +83,7 @@ class Bucket:
         self.p = [working_copy(x) for x in self._home_p]
         g = [working_copy(as_real(p.grad)) for p in params]
         self.g = mt.neg(g) if group["maximize"] else g
-        names = [k for k in opt.state[params[0]] if k != "step"]
+        names = opt.state_names(opt.state[params[0]], group)
         self._home_s = {k: [as_real(opt.state[p][k]) for p in params] for k in names}
         self.s = {k: [working_copy(x) for x in v] for k, v in self._home_s.items()}
         self._stochastic = opt.stochastic_rounding
@@ -226,8 +226,9 @@ class GlobalStepOptimizer(Optimizer):
         out = []
         for group, params in work:
             split: dict[tuple, list[Tensor]] = defaultdict(list)
+            in_use = self.optional_in_use(group)
             for p in params:
-                self._state_of(p, group)
+                self._state_of(p, group, in_use)
                 split[(p.device, p.dtype, p.grad.dtype)].append(p)
             out.extend((group, ps) for ps in split.values())
         return out
@@ -244,7 +245,7 @@ class GlobalStepOptimizer(Optimizer):
         """State initialised where missing, then the tensors by group, device and dtype, for :meth:`run_pass`."""
         out = []
         for group, ps in self._split(work):
-            names = [k for k in self.state[ps[0]] if k != "step"]
+            names = self.state_names(self.state[ps[0]], group)
             out.append(Part(group, ps, [as_real(p) for p in ps], [as_real(p.grad) for p in ps],
                             {k: [as_real(self.state[p][k]) for p in ps] for k in names}))
         return out

@@ -54,6 +54,8 @@ class _AdamBase(Optimizer):
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults, **engine)
 
+    optional_states = {"max_exp_avg_sq": lambda group: group["amsgrad"]}
+
     def init_state(self, p, group):
         state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
         if group["amsgrad"]:
@@ -81,7 +83,8 @@ class AdamW(_AdamBase):
 
     m_t = b1 m + (1-b1) g;  v_t = b2 v + (1-b2) g^2;  p <- p (1 - lr wd) - lr/(1-b1^t) m_t / (sqrt(v_t/(1-b2^t)) + eps)
 
-    ``amsgrad=True`` uses max(v_1..v_t) in the denominator (Reddi et al. 2018, arXiv 1904.09237).
+    ``amsgrad=True`` uses max(v_1..v_t) in the denominator (Reddi et al. 2018, arXiv 1904.09237); switched on
+    in a group between steps, the max starts from that step's v (torch.optim's raises KeyError there).
     eps sits outside the square root and is added after dividing by sqrt(1-b2^t), as in the paper's
     Algorithm 2 and torch.optim.AdamW. Defaults: torch.optim.AdamW's, lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     weight_decay 1e-2 (decoupled, scaled by lr). State: exp_avg, exp_avg_sq (2 words; 3 with amsgrad).

@@ -107,6 +107,8 @@ class AdEMAMix(Optimizer):
                         maximize=maximize)
         super().__init__(params, defaults, **engine)
 
+    optional_states = {"exp_avg_fast": lambda group: group["betas"][0] != 0.0}
+
     def init_state(self, p, group):
         state = {"exp_avg_slow": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
         if group["betas"][0] != 0.0:

@@ -433,6 +433,8 @@ class KFAC(LayerHookOptimizer):
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] != 0 else {}
 
+    optional_states = {"momentum_buffer": lambda group: group["momentum"] != 0}
+
     layer_state_key = "kfac"
     layer_state_what = "step count and layer factors"
 

@@ -104,6 +104,8 @@ class MFAC(GlobalStepOptimizer):
                         maximize=maximize)
         super().__init__(params, defaults, **engine)
 
+    optional_states = {"momentum_buffer": lambda group: group["momentum"] != 0}
+
     def init_state(self, p, group):
         m = group["ngrads"]
         dtype = self.state_dtype_for(p)

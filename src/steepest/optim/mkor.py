@@ -263,6 +263,8 @@ class MKOR(LayerHookOptimizer):
             return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] != 0 else {}
 
+    optional_states = {"momentum_buffer": lambda group: group["inner"] != "adam" and group["momentum"] != 0}
+
     layer_state_key = "mkor"
     layer_state_what = "step count and inverse factors"
 

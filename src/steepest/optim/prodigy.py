@@ -97,6 +97,8 @@ class Prodigy(GlobalStepOptimizer):
                                 "param (FSDP2, tensor parallelism) cannot give; use slice_p=1 with such params")
         return work
 
+    optional_states = {"exp_avg": lambda group: group["betas"][0] > 0}
+
     def init_state(self, p, group):
         # slice_p > 1: s and p0 over every slice_p-th entry of the flattened param, as the package's.
         sliced = p if group["slice_p"] == 1 else p.detach().reshape(-1)[::group["slice_p"]]

@@ -29,7 +29,9 @@ class SGD(Optimizer):
 
     b_1 = g_1;  b_t = momentum b_{t-1} + (1 - dampening) g_t;  d = g + momentum b (nesterov) or b;
     p <- p - lr d. Weight decay is L2 (g <- g + wd p), as torch.optim.SGD. Defaults: lr 1e-3,
-    momentum 0. State: momentum_buffer (1 word when momentum > 0, else none).
+    momentum 0. State: momentum_buffer (1 word when momentum > 0, else none). A momentum schedule may start at
+    or pass through 0, as with torch.optim.SGD: the buffer is created (b = g) when momentum turns nonzero and
+    waits, unchanged, while it is 0; the step count then counts the buffer's updates.
     """
 
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.nonnegative, "dampening": checks.real(0.0, 1.0),
@@ -37,6 +39,7 @@ class SGD(Optimizer):
     weight_decay_mode = "l2"
     update = staticmethod(sgd_update)
     loads_stepless_state = True  # torch.optim.SGD's state_dicts
+    optional_states = {"momentum_buffer": lambda group: group["momentum"] != 0}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, **engine):
@@ -48,6 +51,11 @@ class SGD(Optimizer):
 
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] != 0 else {}
+
+    def optional_states_added(self, state, keys):
+        # The step count says when the buffer is new: a buffer created once momentum turns nonzero starts as
+        # b = g, as torch.optim.SGD's (which counts no steps).
+        state["step"] = 0
 
     def scalars(self, group, step):
         momentum = group["momentum"]

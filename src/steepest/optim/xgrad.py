@@ -140,6 +140,9 @@ class XGradSGD(XGrad, SGD):
         super().add_param_group(param_group)
 
     def _direction(self, group, params):
+        if group["momentum"] == 0:
+            raise ValueError("XGrad(base='sgd'): a param group's momentum was set to 0; the weight prediction reads "
+                             "the momentum buffer, so momentum must stay > 0 in every param group")
         return _state(self, params, "momentum_buffer")
 
 
@@ -150,7 +153,9 @@ def _adam_direction(opt, group, params, decoupled):
         state = opt.state[p]
         step = state["step"]
         m = working_copy(as_real(state["exp_avg"]))
-        v = working_copy(as_real(state["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"]))
+        # amsgrad switched on since the last step: its max over no earlier v is this v.
+        v = state.get("max_exp_avg_sq", state["exp_avg_sq"]) if group["amsgrad"] else state["exp_avg_sq"]
+        v = working_copy(as_real(v))
         d = m / (1.0 - beta1**step) / (v.sqrt() / math.sqrt(1.0 - beta2**step) + group["eps"])
         if decoupled and group["weight_decay"] != 0:
             d = d + working_copy(as_real(p)) * group["weight_decay"]
