@@ -262,6 +262,33 @@ def test_auto_compile_threshold():
         [torch.ones(_COMPILE_MIN_NUMEL)])
 
 
+def test_auto_compile_decides_on_the_whole_step_not_each_group():
+    """Layer-wise learning rates put every tensor in a group of its own: "auto" fuses when the step's params hold
+    2**20 elements in all, though no group does, and the fused steps equal eager ones."""
+    def run(compile):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(_COMPILE_MIN_NUMEL // 4, generator=g)) for _ in range(4)]
+        opt = steepest.AdamW([{"params": [p], "lr": 0.01 * 0.5**i} for i, p in enumerate(params)],
+                             compile=compile)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return opt, params
+
+    auto, fused = run("auto")
+    assert auto._kernels and all(k is not None for k in auto._kernels.values())
+    eager, expected = run(False)
+    assert not eager._kernels
+    for a, b in zip(fused, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    small = steepest.AdamW([{"params": [torch.nn.Parameter(torch.ones(10))]} for _ in range(3)])
+    for group in small.param_groups:
+        group["params"][0].grad = torch.ones(10)
+    small.step()
+    assert not small._kernels
+
+
 # Elementwise updates run flattened in chunks of tensors; updates with whole-tensor reductions (TAM's cosine,
 # NovoGrad's norm, Gravity's max) flattened one tensor per call, with one-number-per-tensor states. Either
 # way one compiled graph serves every shape.

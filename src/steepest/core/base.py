@@ -539,8 +539,8 @@ class Optimizer(torch.optim.Optimizer):
     """Base class of steepest's optimizers: a drop-in :class:`torch.optim.Optimizer`.
 
     Args (shared by every subclass, keyword-only):
-        compile: ``"auto"`` (default) fuses a bucket with ``torch.compile`` when it holds at least
-            2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
+        compile: ``"auto"`` (default) fuses with ``torch.compile`` when the step's params (all groups) hold
+            at least 2**20 elements and runs the eager for-each path otherwise; ``True`` always fuses,
             ``False`` never does. ``"background"`` fuses as ``True`` but compiles each kernel in a
             background thread (on stand-in tensors) while the steps run eager, switching once it is
             ready: no compile stall (seconds, 4-5 s on a fresh 2-core machine), at the price of eager-speed
@@ -641,6 +641,8 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[tuple, _FusedPlan] = {}
         self._compile_jobs: dict[tuple, _CompileJob] = {}
         self._scalar_slots: dict[int, tuple[Any, tuple[Tensor, ...]]] = {}
+        # Elements of the params this step updates, in all groups: what compile="auto" decides on.
+        self._step_numel = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups: a deep copy would lose the engine
@@ -785,6 +787,7 @@ class Optimizer(torch.optim.Optimizer):
         """Params with gradients, per group; every check that can fail runs here, before any change."""
         work = []
         subclasses_ok = self.takes_dtensor_params()
+        numel = 0
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
@@ -814,8 +817,10 @@ class Optimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"param {pi} of group {gi} has shape {tuple(p.shape)} but its grad has "
                                        f"shape {tuple(g.shape)}")
                 params.append(p)
+                numel += p.numel()
             if params:
                 work.append((group, params))
+        self._step_numel = numel
         return work
 
     @staticmethod
@@ -951,7 +956,10 @@ class Optimizer(torch.optim.Optimizer):
             return False
         if self.compile in (True, "background"):
             return True
-        return sum(p.numel() for p in params) >= _COMPILE_MIN_NUMEL
+        # The model's size decides, not the bucket's: with one param group per layer (layer-wise learning rates)
+        # every group may be small while the kernels, shared by the groups, pay off (50 groups of 200k float32
+        # params: eager 13.5 ms a step, fused 6.0 ms).
+        return max(self._step_numel, sum(p.numel() for p in params)) >= _COMPILE_MIN_NUMEL
 
     def _fused_plan(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     states: dict[str, list[Tensor]], elementwise: bool | None = None) -> _FusedPlan:
