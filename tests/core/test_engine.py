@@ -36,6 +36,72 @@ def test_stochastic_rounding_keeps_nan_inf_and_exact_values():
     assert torch.isfinite(r[6])
 
 
+def _compiled_rounding():
+    return torch.compile(lambda x: stochastic_round_to_bf16(x * 1.0), dynamic=True, fullgraph=True)
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_stochastic_rounding_noise_is_fresh_per_call_for_every_element(path):
+    """Each element rounds up with probability its discarded fraction at every call, independently of earlier
+    calls: over 200 calls the per-element frequencies spread as Binomial(200, p) / 200 (noise fixed across calls
+    would give frequencies of 0 and 1). More elements than one noise segment (eager: 2**18) and uneven fractions."""
+    torch.manual_seed(0)
+    ulp = 2.0**-7
+    n = (1 << 18) + 5000
+    frac = torch.linspace(0.05, 0.95, n)
+    x = 1.0 + frac * ulp
+    sr = stochastic_round_to_bf16 if path == "eager" else _compiled_rounding()
+    ups = torch.zeros(n)
+    calls = 200
+    for _ in range(calls):
+        r = sr(x).float()
+        assert bool(((r == 1.0) | (r == 1.0 + ulp)).all())
+        ups += (r > 1.0).float()
+    freq = ups / calls
+    # Mean over elements: within 3 standard errors of the exact mean of the fractions.
+    assert abs(freq.mean().item() - frac.mean().item()) < 3 * (0.25 / (calls * n)) ** 0.5
+    # Per element: the spread of freq - frac is the binomial one, sqrt(p (1 - p) / 200) averaged (~0.029).
+    spread = (freq - frac).std().item()
+    expected = (frac * (1 - frac) / calls).sqrt().pow(2).mean().sqrt().item()
+    assert 0.9 * expected < spread < 1.1 * expected
+    # The first and second segment of the eager noise are not copies of each other.
+    assert not torch.equal(sr(x)[: 5000], sr(x)[1 << 18:])
+
+
+def test_compiled_stochastic_rounding_keeps_nan_inf_and_exact_values():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5, 0.0, -2.0, 3.3895313892515355e38,
+                      -3.3895e38, 1e-40])
+    r = _compiled_rounding()(x)
+    assert torch.isnan(r[0]) and r[1] == float("inf") and r[2] == -float("inf")
+    assert r[3:6].tolist() == [1.5, 0.0, -2.0]
+    assert bool(torch.isfinite(r[6:8]).all())
+    eager = stochastic_round_to_bf16(torch.tensor([3.3895313892515355e38, -3.3895e38, float("inf"),
+                                                   float("nan")] + [1.0] * 10))
+    assert bool(torch.isfinite(eager[:2]).all()) and eager[2] == float("inf") and torch.isnan(eager[3])
+
+
+def test_eager_bf16_params_larger_than_a_chunk_follow_the_float32_run_rounded():
+    """A bfloat16 param of 600k elements steps eager in flat pieces; its run equals torch.optim.AdamW on float32
+    copies whose params are rounded to bfloat16 after every step (the states stay float32), to one bf16 ulp."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 1000, generator=g)
+    p16 = torch.nn.Parameter(w.bfloat16())
+    ref = torch.nn.Parameter(w.bfloat16().float())
+    ours = steepest.AdamW([p16], lr=1e-2, weight_decay=0.1, compile=False)
+    theirs = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, foreach=False)
+    for t in range(5):
+        grad = torch.sin(w * (t + 1)).bfloat16()
+        p16.grad, ref.grad = grad, grad.float()
+        ours.step()
+        theirs.step()
+        with torch.no_grad():
+            ref.copy_(ref.bfloat16().float())
+    assert ours.state[p16]["exp_avg"].dtype == torch.float32
+    same = (p16.float() == ref.detach()).float().mean().item()
+    assert same > 0.999
+    torch.testing.assert_close(p16.float(), ref.detach(), rtol=2**-7, atol=1e-6)
+
+
 def test_bf16_params_get_float32_states_and_track_float32_run():
     torch.manual_seed(0)
     w = torch.randn(64, 32)
