@@ -1128,3 +1128,21 @@ def test_zero_redundancy_optimizer_takes_steepest_classes(name):
         assert len(zero.state_dict()["state"]) == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_eager_step_of_a_tensor_taken_in_pieces_equals_torch_optim():
+    """A tensor of 2**21 + 1000 elements steps eager in flat pieces (the last one short): equal to
+    torch.optim.AdamW's single-tensor step."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn((1 << 21) + 1000, generator=g, dtype=torch.float64)
+    ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = steepest.AdamW([ours], lr=1e-2, weight_decay=0.1, compile=False)
+    theirs = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, foreach=False)
+    assert len(opt._eager_pieces([ours], [w], {"exp_avg": [w], "exp_avg_sq": [w]})) == 9
+    for t in range(3):
+        grad = torch.cos(w * (t + 1))
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        theirs.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(opt.state[ours]["exp_avg_sq"], theirs.state[ref]["exp_avg_sq"], rtol=1e-12, atol=0)
