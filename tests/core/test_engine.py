@@ -1146,3 +1146,28 @@ def test_eager_step_of_a_tensor_taken_in_pieces_equals_torch_optim():
         theirs.step()
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(opt.state[ours]["exp_avg_sq"], theirs.state[ref]["exp_avg_sq"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam"])
+def test_global_step_pass_of_a_tensor_taken_in_pieces_equals_the_authors_package(name):
+    """The eager passes of a global-step method take a tensor of 2**21 + 1000 elements in flat pieces, their sums
+    added up: the run equals the authors' package on the whole tensor."""
+    reference = {"prodigy": lambda ps: pytest.importorskip("prodigyopt").Prodigy(ps, lr=1.0, weight_decay=0.01),
+                 "dadapt_adam": lambda ps: pytest.importorskip("dadaptation").DAdaptAdam(ps, lr=1.0)}[name]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn((1 << 21) + 1000, generator=g, dtype=torch.float64)
+    ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    kwargs = {"weight_decay": 0.01} if name == "prodigy" else {}
+    opt = steepest.get(name).cls([ours], lr=1.0, compile=False, **kwargs)
+    theirs = reference([ref])
+    # A quadratic whose curvature grows along the tensor (each piece's sums differ from the others'), so that d
+    # grows from its start (~75x in 6 steps): the trajectory depends on every sum.
+    ramp = torch.linspace(1e-3, 3e-2, w.numel(), dtype=torch.float64) ** 2
+    for t in range(6):
+        for p in (ours, ref):
+            p.grad = ramp * (p.detach() - 0.5) + 1e-4 * torch.cos(w * (t + 1))
+        opt.step()
+        theirs.step()
+    assert opt.param_groups[0]["d"] > 50 * opt.param_groups[0]["d0"]
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
+    assert opt.param_groups[0]["d"] == pytest.approx(theirs.param_groups[0]["d"], rel=1e-10)

@@ -125,6 +125,28 @@ def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
                                                                  strides)
 
 
+def flat_pieces(params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]]) -> list[tuple] | None:
+    """One large tensor of an eager run (with its gradient and param-shaped states) as flat slices of
+    _EAGER_CHUNK_NUMEL elements, each a (params, grads, states) of one call; None where the run stays whole: more
+    than one tensor, a float32 tensor under _EAGER_PIECES_NUMEL elements (16-bit ones from _EAGER_CHUNK_NUMEL up
+    are cut: their float32 copies are temporaries too), or a tensor that cannot be viewed flat. Valid for updates
+    that are elementwise apart from sums over a tensor's elements (a sum over the pieces is the tensor's)."""
+    if len(params) != 1 or params[0].numel() <= _EAGER_CHUNK_NUMEL:
+        return None
+    p, g = params[0], grads[0]
+    tensors = [p, g, *(v[0] for v in states.values())]
+    if p.numel() < _EAGER_PIECES_NUMEL and not any(is_low_precision(t.dtype) for t in tensors):
+        return None
+    if not all(mt.plain(t) and t.is_contiguous() and t.numel() == p.numel() for t in tensors):
+        return None
+    flat = [t.view(-1) for t in tensors]
+    pieces = []
+    for start in range(0, p.numel(), _EAGER_CHUNK_NUMEL):
+        part = [t[start:start + _EAGER_CHUNK_NUMEL] for t in flat]
+        pieces.append(([part[0]], [part[1]], {k: [s] for k, s in zip(states, part[2:])}))
+    return pieces
+
+
 def chunk_runs(numels: list[int], limit: int = _EAGER_CHUNK_NUMEL) -> list[list[int]]:
     """Consecutive runs of indices into ``numels`` holding about ``limit`` elements each (a larger tensor is a
     run of its own): the eager path works run by run so that its temporaries stay a few MB."""
@@ -950,21 +972,8 @@ class Optimizer(torch.optim.Optimizer):
         params in 40 tensors, 80 ms a step whole, 22 ms in pieces; float32 AdamW on one 38.6M embedding, 124 ms
         whole, 57 ms in pieces (Adan 326 and 84). For float32 tensors under ~2M elements the extra calls cost
         more than they save (420k elements: pieces/whole 1.05-1.14), so they stay whole."""
-        whole = [(params, grads, states)]
-        if not (self.elementwise and len(params) == 1 and params[0].numel() > _EAGER_CHUNK_NUMEL):
-            return whole
-        p, g = params[0], grads[0]
-        tensors = [p, g, *(v[0] for v in states.values())]
-        if p.numel() < _EAGER_PIECES_NUMEL and not any(is_low_precision(t.dtype) for t in tensors):
-            return whole
-        if not all(mt.plain(t) and t.is_contiguous() and t.numel() == p.numel() for t in tensors):
-            return whole
-        flat = [t.view(-1) for t in tensors]
-        pieces = []
-        for start in range(0, p.numel(), _EAGER_CHUNK_NUMEL):
-            part = [t[start:start + _EAGER_CHUNK_NUMEL] for t in flat]
-            pieces.append(([part[0]], [part[1]], {k: [s] for k, s in zip(states, part[2:])}))
-        return pieces
+        pieces = flat_pieces(params, grads, states) if self.elementwise else None
+        return [(params, grads, states)] if pieces is None else pieces
 
     def _eager_chunks(self, params: list[Tensor], idx: list[int]) -> list[list[int]]:
         """Split an eager bucket into runs of about _EAGER_CHUNK_NUMEL elements.

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import checks
 from . import multitensor as mt
-from .base import Optimizer, _apply_update, chunk_runs
+from .base import Optimizer, _apply_update, chunk_runs, flat_pieces
 from .precision import as_real, working_copy, write_back_
 
 
@@ -257,14 +257,16 @@ class GlobalStepOptimizer(Optimizer):
         working copies and write-back as every update has them; returns fn's per-tensor reductions (a dict of
         lists of 0-dim tensors, in the part's order).
 
-        fn is written with :mod:`~steepest.core.multitensor` helpers, as an update is: it runs eager over pieces
-        of about 2**18 elements (few-MB temporaries, reused from cache), or, as ``compile`` says, compiled with
-        scalars passed as tensors (changing them never recompiles): one tensor per kernel call for a pass that
-        reduces (a kernel runs all its reductions before its update loops, which read the tensors again: one
-        tensor per call keeps that second read small enough for the cache to help), a few per call for an
-        ``elementwise`` one. ``fuse=False`` runs it eager whatever ``compile`` says (a pass that
-        runs once, at a first step, is not worth a compile there). ``reverse`` takes the tensors from last to first:
-        a pass after one that read the whole model then starts on the tensors still in the last-level cache (DoG,
+        fn is written with :mod:`~steepest.core.multitensor` helpers, as an update is, and its reductions are sums
+        over each tensor's elements: it runs eager over runs of about 2**18 elements, a large tensor cut into flat
+        pieces whose sums are added (few-MB temporaries, reused from cache; see
+        :func:`~steepest.core.base.flat_pieces`), or, as ``compile`` says, compiled with scalars passed as tensors
+        (changing them never recompiles): one tensor per kernel call for a pass that reduces (a kernel runs all its
+        reductions before its update loops, which read the tensors again: one tensor per call keeps that second
+        read small enough for the cache to help), a few per call for an ``elementwise`` one. ``fuse=False`` runs it
+        eager whatever ``compile`` says (a pass that runs once, at a first step, is not worth a compile there).
+        ``reverse`` takes the tensors from last to first: a pass after one that read the whole model then starts on
+        the tensors still in the last-level cache (DoG,
         ALR-SMAG, Prodigy, compiled and eager: 0.95-0.98 of the step time with both passes forward, in back-to-back
         steps as benchmarks/step_speed.py times them, where the next step's first pass also starts on tensors the
         reversed pass left in the cache).
@@ -282,8 +284,16 @@ class GlobalStepOptimizer(Optimizer):
         runs = chunk_runs([part.p[i].numel() for i in todo])
         for run in reversed(runs) if reverse else runs:
             idx = [todo[j] for j in run]
-            result = _apply_update(fn, [part.p[i] for i in idx], [part.g[i] for i in idx],
-                                   {k: [v[i] for i in idx] for k, v in part.s.items()}, scalars, 0.0, **options)
+            args = ([part.p[i] for i in idx], [part.g[i] for i in idx],
+                    {k: [v[i] for i in idx] for k, v in part.s.items()})
+            pieces = flat_pieces(*args)
+            if pieces is None:
+                result = _apply_update(fn, *args, scalars, 0.0, **options)
+            else:
+                # One large tensor in pieces (its temporaries stay small): the pieces' sums add up to the tensor's.
+                results = [_apply_update(fn, *piece, scalars, 0.0, **options) or {}
+                           for piece in (reversed(pieces) if reverse else pieces)]
+                result = {name: [sum(r[name][0] for r in results)] for name in results[0]}
             for name, values in (result or {}).items():
                 outputs[name].update(zip(idx, values))
         return {name: [values[i] for i in range(len(part.p))] for name, values in outputs.items()}
