@@ -181,3 +181,15 @@ def test_gradients_whose_squares_overflow_float32_keep_the_cosine(cls, compile):
     _, s64 = run(torch.float64)
     assert all(torch.isfinite(p).all() for p in params)
     assert s32 == pytest.approx(s64, rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", [steepest.AdaTAM, steepest.AdaTAMW])
+def test_adatam_eager_on_a_tensor_taken_in_pieces_matches_numpy_transcription(cls):
+    """Eager, AdaTAM's elementwise tail takes a tensor of 2**21 + 1000 elements in flat pieces (a small tensor
+    beside it stays whole): the run equals the transcription."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((1 << 21) + 1000), rng.standard_normal(7)]
+    kwargs = dict(lr=2e-3, betas=(0.8, 0.99), decay=0.6, weight_decay=0.1)
+    got, _, _ = run_torch(lambda ps: cls(ps, compile=False, **kwargs), arrays, steps=4)
+    want, _ = numpy_adatam(arrays, steps=4, decoupled=cls is steepest.AdaTAMW, **kwargs)
+    close(got, want)

@@ -133,18 +133,13 @@ def flat_pieces(params: list[Tensor], grads: list[Tensor], states: dict[str, lis
     that are elementwise apart from sums over a tensor's elements (a sum over the pieces is the tensor's)."""
     if len(params) != 1 or params[0].numel() <= _EAGER_CHUNK_NUMEL:
         return None
-    p, g = params[0], grads[0]
-    tensors = [p, g, *(v[0] for v in states.values())]
-    if p.numel() < _EAGER_PIECES_NUMEL and not any(is_low_precision(t.dtype) for t in tensors):
+    tensors = [params[0], grads[0], *(v[0] for v in states.values())]
+    low = any(is_low_precision(t.dtype) for t in tensors)
+    calls = mt.flat_pieces(params, grads, *states.values(), size=_EAGER_CHUNK_NUMEL,
+                           min_numel=_EAGER_CHUNK_NUMEL + 1 if low else _EAGER_PIECES_NUMEL)
+    if len(calls) == 1:
         return None
-    if not all(mt.plain(t) and t.is_contiguous() and t.numel() == p.numel() for t in tensors):
-        return None
-    flat = [t.view(-1) for t in tensors]
-    pieces = []
-    for start in range(0, p.numel(), _EAGER_CHUNK_NUMEL):
-        part = [t[start:start + _EAGER_CHUNK_NUMEL] for t in flat]
-        pieces.append(([part[0]], [part[1]], {k: [s] for k, s in zip(states, part[2:])}))
-    return pieces
+    return [(ps, gs, dict(zip(states, rest))) for ps, gs, *rest in calls]
 
 
 def chunk_runs(numels: list[int], limit: int = _EAGER_CHUNK_NUMEL) -> list[list[int]]:

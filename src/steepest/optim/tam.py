@@ -76,11 +76,13 @@ def tam_update(params, grads, momentum_buffer, s, *, lr, momentum, decay, eps):
 def adatam_update(params, grads, exp_avg, exp_avg_sq, s, *, lr, beta1, beta2, decay, eps):
     """AdaTAM: damped first moment, v <- b2 v + (1-b2) g^2, p <- p - lr m / (sqrt(v) + eps)."""
     _damped_momentum_(exp_avg, grads, s, momentum=beta1, decay=decay, eps=eps)
-    mt.mul_(exp_avg_sq, beta2)
-    mt.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-    denom = mt.sqrt(exp_avg_sq)
-    mt.add_scalar_(denom, eps)
-    mt.addcdiv_(params, exp_avg, denom, -lr)
+    # Elementwise from here: eager, a large tensor goes in flat pieces (its root's temporary stays a few MB).
+    for ps, gs, ms, vs in mt.flat_pieces(params, grads, exp_avg, exp_avg_sq):
+        mt.mul_(vs, beta2)
+        mt.addcmul_(vs, gs, gs, 1.0 - beta2)
+        denom = mt.sqrt(vs)
+        mt.add_scalar_(denom, eps)
+        mt.addcdiv_(ps, ms, denom, -lr)
 
 
 _PAPER = "Malviya et al. 2024, Torque-Aware Momentum"
