@@ -1171,3 +1171,17 @@ def test_global_step_pass_of_a_tensor_taken_in_pieces_equals_the_authors_package
     assert opt.param_groups[0]["d"] > 50 * opt.param_groups[0]["d0"]
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
     assert opt.param_groups[0]["d"] == pytest.approx(theirs.param_groups[0]["d"], rel=1e-10)
+
+
+def test_row_dots_in_blocks_equal_the_dense_products():
+    """mt.row_dots takes a matrix of 2**21+ elements in blocks of rows (the last one short) and one row by
+    torch.dot: the numbers of the float64 products summed row by row."""
+    from steepest.core import multitensor as mt
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3001, 1000, generator=g), torch.randn(3001, 1000, generator=g)
+    want = (a.double() * b.double()).sum(1)
+    torch.testing.assert_close(mt.row_dots(a, b).double(), want, rtol=1e-5, atol=1e-4)
+    one = mt.row_dots(a.reshape(1, -1), b.reshape(1, -1))
+    assert one.shape == (1,)
+    torch.testing.assert_close(one.double(), want.sum().reshape(1), rtol=1e-5, atol=1e-2)

@@ -330,6 +330,25 @@ def flat_pieces(*lists: TensorList, size: int = 1 << 18, min_numel: int = 1 << 2
     return calls
 
 
+def row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> for each row of two (rows, n) matrices of one dtype.
+
+    Eager, a product's temporary of many MB is page-faulted in afresh at each step: from 2**21 elements the rows
+    go in blocks of about 2**18 (a 50257 x 768 matrix: 13 ms against 50 ms in one call; below, the extra calls
+    cost more), and a single row is one torch.dot (no temporary)."""
+    if compiling():
+        return torch.linalg.vecdot(a, b)
+    if a.shape[0] == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)
+    block = max(1, (1 << 18) // max(a.shape[1], 1))
+    if a.numel() < (1 << 21) or block >= a.shape[0]:
+        return torch.linalg.vecdot(a, b)
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], block):
+        torch.linalg.vecdot(a[start:start + block], b[start:start + block], out=out[start:start + block])
+    return out
+
+
 def copy_(xs: TensorList, ys: TensorList) -> None:
     """xs[:] = ys."""
     if all(plain(x) for x in xs) and all(plain(y) for y in ys):
