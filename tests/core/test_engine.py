@@ -1179,9 +1179,9 @@ def test_row_dots_in_blocks_equal_the_dense_products():
     from steepest.core import multitensor as mt
 
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3001, 1000, generator=g), torch.randn(3001, 1000, generator=g)
-    want = (a.double() * b.double()).sum(1)
-    torch.testing.assert_close(mt.row_dots(a, b).double(), want, rtol=1e-5, atol=1e-4)
+    a, b = (torch.randn(3001, 1000, generator=g, dtype=torch.float64) for _ in range(2))
+    want = (a * b).sum(1)
+    torch.testing.assert_close(mt.row_dots(a, b), want, rtol=1e-12, atol=1e-12)
     one = mt.row_dots(a.reshape(1, -1), b.reshape(1, -1))
     assert one.shape == (1,)
-    torch.testing.assert_close(one.double(), want.sum().reshape(1), rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(one, want.sum().reshape(1), rtol=1e-12, atol=1e-9)
