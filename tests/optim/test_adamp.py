@@ -135,3 +135,21 @@ def test_sgdp_reaches_target():
     """From a loss of 58.7, SGDP with momentum reaches the neighbourhood of the minimum (about -10.44)."""
     params, _ = run(lambda p: steepest.SGDP(p, lr=0.05, momentum=0.9), steps=200)
     assert loss_fn(params, 0).item() < -10.0
+
+
+def test_adamp_fused_on_a_large_matrix_uses_its_own_kernel_and_equals_eager():
+    """A matrix of 2**23+ elements steps through a kernel compiled for large tensors (the direction recomputed, not
+    stored); its steps equal the eager ones, which follow the package (float64)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 4097, generator=g, dtype=torch.float64) * 0.02
+    runs = []
+    for compile in (True, False):
+        p = torch.nn.Parameter(w.clone())
+        opt = steepest.AdamP([p], lr=1e-2, weight_decay=1e-2, compile=compile)
+        for t in range(3):
+            p.grad = torch.sin(w * (t + 3)) * 1e-2 + 1e-3 * p.detach()
+            opt.step()
+        runs.append((p.detach(), opt))
+    (fused, opt), (eager, _) = runs
+    assert any("large" in key for key in opt._kernels) and all(k is not None for k in opt._kernels.values())
+    torch.testing.assert_close(fused, eager, rtol=1e-12, atol=1e-14)

@@ -54,6 +54,8 @@ _FUSE_CHUNK = 2
 _EAGER_CHUNK_NUMEL = 1 << 18
 # A full-precision tensor from this size up steps eager in pieces (see Optimizer._eager_pieces).
 _EAGER_PIECES_NUMEL = 1 << 21
+# From this size a tensor's compiled call may use a kernel of its own (Optimizer.inductor_config_large).
+_LARGE_KERNEL_NUMEL = 1 << 23
 _compile_counter = 0
 
 
@@ -323,7 +325,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
-def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True) -> _FlatKernel:
+def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], probe: bool = True,
+                  inductor_config: Mapping[str, Any] | None = None) -> _FlatKernel:
     """The flat path's compiled update: a callable over ``(*params, *grads, *states, *scalars, wd)``.
 
     The update is traced once on stand-in tensors with symbolic sizes and compiled by inductor without
@@ -369,7 +372,7 @@ def _compile_flat(update: Callable, standins: tuple, options: dict[str, Any], pr
         logging.getLogger("torch._inductor.standalone_compile").addFilter(_no_artifact_warning)
         # The engine builds every argument itself (contiguous, of the kernel's layout); per-call size asserts would
         # cost a third of the call.
-        patches = {"config_patches": {"size_asserts": False}}
+        patches = {"config_patches": {"size_asserts": False, **(inductor_config or {})}}
         if output_names:
             # A pass that returns reductions: a value both stored and reduced (Prodigy's new s, ALR-SMAG's new d)
             # is computed once, stored and reduced in the same loop, instead of reduced in a loop of its own that
@@ -609,6 +612,11 @@ class Optimizer(torch.optim.Optimizer):
     # rounding a later inverse or root would magnify (Shampoo's factors and roots).
     precise_state_prefixes: ClassVar[tuple[str, ...]] = ()
     needs_closure: ClassVar[bool] = False
+    # Inductor options for this method's compiled kernels (``torch._inductor.config`` names), where its defaults
+    # schedule the update's loops badly; ``inductor_config_large`` for calls on tensors of _LARGE_KERNEL_NUMEL
+    # elements or more (a kernel of their own), whose loops' data does not stay in the last-level cache.
+    inductor_config: ClassVar[Mapping[str, Any]] = {}
+    inductor_config_large: ClassVar[Mapping[str, Any]] = {}
     # States a group uses only under some of its hyperparameters (SGD's momentum buffer while momentum != 0), each
     # with the test on the group. When a hyperparameter changes between steps (a momentum schedule starting at 0),
     # the state is created at the param's next step, as torch.optim.SGD creates its buffer; one kept while unused
@@ -1071,7 +1079,8 @@ class Optimizer(torch.optim.Optimizer):
                 options["stochastic"], scalar_names)
 
     def _flat_kernel(self, key: tuple, options: dict[str, Any], chunk: _FlatChunk, grads: list[Tensor],
-                     scalars: dict[str, Tensor], wd: Tensor, update: Callable) -> _FlatKernel | None:
+                     scalars: dict[str, Tensor], wd: Tensor, update: Callable,
+                     large: bool = False) -> _FlatKernel | None:
         """The flat-path kernel of ``update`` for key, compiling it on stand-ins of the chunk's arguments the first
         time; None while it compiles in the background or after the compiler failed: the caller steps eager."""
         if key in self._kernels:
@@ -1080,7 +1089,8 @@ class Optimizer(torch.optim.Optimizer):
         if job is None or job.orphaned:
             chunk_grads = [grads[i] for i in chunk.idx] + chunk.grad_pads
             standins = self._standin_args(chunk.params, chunk_grads, chunk.states, scalars, wd, chunk.layout)
-            job = _CompileJob(_compile_flat, (update, standins, options, chunk.layout == "flat"),
+            config = {**self.inductor_config, **(self.inductor_config_large if large else {})}
+            job = _CompileJob(_compile_flat, (update, standins, options, chunk.layout == "flat", config),
                               wait=self.compile != "background")
             self._compile_jobs[key] = job
         if not job.done.is_set():
@@ -1161,16 +1171,18 @@ class Optimizer(torch.optim.Optimizer):
         first = plan.order[0]
         key = self._kernel_key(params[first], grads[first], states, options, tuple(names)) + (update,)
         done: list[int] = []
-        kernels: dict[str, _FlatKernel | None] = {}
+        kernels: dict[tuple[str, bool], _FlatKernel | None] = {}
         direct = _direct_calls_allowed()
         # Writes through aliases are counted on the tensors they land in, as an in-place op counts them: autograd
         # then refuses a backward through a param the step has changed, as after an eager step.
         changed: list[Tensor] = []
         for chunk in reversed(plan.chunks) if reverse else plan.chunks:
-            if chunk.layout not in kernels:
-                kernels[chunk.layout] = self._flat_kernel(key + (chunk.layout, len(chunk.params)), options, chunk,
-                                                          grads, tscalars, twd, update)
-            kernel = kernels[chunk.layout]
+            large = bool(self.inductor_config_large) and max(t.numel() for t in chunk.params) >= _LARGE_KERNEL_NUMEL
+            kind = (chunk.layout, large)
+            kernel_key = key + (chunk.layout, len(chunk.params)) + (("large",) if large else ())
+            if kind not in kernels:
+                kernels[kind] = self._flat_kernel(kernel_key, options, chunk, grads, tscalars, twd, update, large)
+            kernel = kernels[kind]
             if kernel is None:
                 continue
             run, shaped, returned, fast, written = kernel
@@ -1182,8 +1194,8 @@ class Optimizer(torch.optim.Optimizer):
                 result = run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
                 changed += _written_tensors(chunk, grads, written)
             except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
-                self._compile_failed(key + (chunk.layout, len(chunk.params)), err)
-                kernels[chunk.layout] = None
+                self._compile_failed(kernel_key, err)
+                kernels[kind] = None
                 continue
             if returned:
                 slots = len(chunk.params)

@@ -121,7 +121,7 @@ def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, s
         num = exp_avg
     step_size = mt.realize(step_size)
     for p, g, n, d in zip(params, grads, num, denom):
-        perturb, ratio = _project(p, g, torch.div(n, d, out=d), delta, wd_ratio, eps)  # denom is scratch
+        perturb, ratio = _project(p, g, n / d if mt.compiling() else torch.div(n, d, out=d), delta, wd_ratio, eps)
         _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
 
 
@@ -177,6 +177,12 @@ class AdamP(Optimizer):
     weight_decay_mode = "custom"
     elementwise = False
     matrix_view = True
+    # Inductor realizes the direction m / (sqrt(v) + eps) (read by the rows' sums and by the step) into a
+    # param-sized buffer at its default threshold of 4 reads: 12 words a step at memory speed on a matrix beyond
+    # the cache, where recomputing it from m and v moves 10. A/B, fused: one 4096 x 4096 matrix, new/old 0.52
+    # (22.8 against 43.4 ms); on 410 x 1023 matrices, which stay in the cache between the loops, recomputing costs
+    # more (1.19), so only large matrices get their own kernel.
+    inductor_config_large = {"realize_reads_threshold": 100}
     update = staticmethod(adamp_update)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
