@@ -54,7 +54,7 @@ _FUSE_CHUNK = 2
 _EAGER_CHUNK_NUMEL = 1 << 18
 # A full-precision tensor from this size up steps eager in pieces (see Optimizer._eager_pieces).
 _EAGER_PIECES_NUMEL = 1 << 21
-# From this size a tensor's compiled call may use a kernel of its own (Optimizer.inductor_config_large).
+# Tensors from this size count as large for Optimizer.inductor_config_large.
 _LARGE_KERNEL_NUMEL = 1 << 23
 _compile_counter = 0
 
@@ -613,8 +613,8 @@ class Optimizer(torch.optim.Optimizer):
     precise_state_prefixes: ClassVar[tuple[str, ...]] = ()
     needs_closure: ClassVar[bool] = False
     # Inductor options for this method's compiled kernels (``torch._inductor.config`` names), where its defaults
-    # schedule the update's loops badly; ``inductor_config_large`` for calls on tensors of _LARGE_KERNEL_NUMEL
-    # elements or more (a kernel of their own), whose loops' data does not stay in the last-level cache.
+    # schedule the update's loops badly; ``inductor_config_large`` for a layout whose elements are mostly in tensors
+    # of _LARGE_KERNEL_NUMEL elements or more, whose loops' data does not stay in the last-level cache.
     inductor_config: ClassVar[Mapping[str, Any]] = {}
     inductor_config_large: ClassVar[Mapping[str, Any]] = {}
     # States a group uses only under some of its hyperparameters (SGD's momentum buffer while momentum != 0), each
@@ -1078,6 +1078,21 @@ class Optimizer(torch.optim.Optimizer):
                 tuple(sorted(options["static"].items())), options["maximize"], options["wd_mode"],
                 options["stochastic"], scalar_names)
 
+    def _large_layouts(self, plan: _FusedPlan) -> set[str]:
+        """The layouts whose kernel is compiled with ``inductor_config_large``: those where tensors of
+        _LARGE_KERNEL_NUMEL elements or more hold most of the plan's elements (one kernel per layout either way: a
+        second one would add its compile, ~2 s on a fresh 2-core machine, to the first step)."""
+        if not self.inductor_config_large:
+            return set()
+        total: dict[str, int] = defaultdict(int)
+        large: dict[str, int] = defaultdict(int)
+        for chunk in plan.chunks:
+            for t in chunk.params:
+                total[chunk.layout] += t.numel()
+                if t.numel() >= _LARGE_KERNEL_NUMEL:
+                    large[chunk.layout] += t.numel()
+        return {layout for layout, n in large.items() if 2 * n > total[layout]}
+
     def _flat_kernel(self, key: tuple, options: dict[str, Any], chunk: _FlatChunk, grads: list[Tensor],
                      scalars: dict[str, Tensor], wd: Tensor, update: Callable,
                      large: bool = False) -> _FlatKernel | None:
@@ -1176,8 +1191,9 @@ class Optimizer(torch.optim.Optimizer):
         # Writes through aliases are counted on the tensors they land in, as an in-place op counts them: autograd
         # then refuses a backward through a param the step has changed, as after an eager step.
         changed: list[Tensor] = []
+        large_layouts = self._large_layouts(plan)
         for chunk in reversed(plan.chunks) if reverse else plan.chunks:
-            large = bool(self.inductor_config_large) and max(t.numel() for t in chunk.params) >= _LARGE_KERNEL_NUMEL
+            large = chunk.layout in large_layouts
             kind = (chunk.layout, large)
             kernel_key = key + (chunk.layout, len(chunk.params)) + (("large",) if large else ())
             if kind not in kernels:
