@@ -266,10 +266,9 @@ class GlobalStepOptimizer(Optimizer):
         read small enough for the cache to help), a few per call for an ``elementwise`` one. ``fuse=False`` runs it
         eager whatever ``compile`` says (a pass that runs once, at a first step, is not worth a compile there).
         ``reverse`` takes the tensors from last to first: a pass after one that read the whole model then starts on
-        the tensors still in the last-level cache (DoG,
-        ALR-SMAG, Prodigy, compiled and eager: 0.95-0.98 of the step time with both passes forward, in back-to-back
-        steps as benchmarks/step_speed.py times them, where the next step's first pass also starts on tensors the
-        reversed pass left in the cache).
+        the tensors still in the last-level cache (DoG, ALR-SMAG, Prodigy, compiled and eager: 0.95-0.98 of the
+        step time with both passes forward, in back-to-back steps as benchmarks/step_speed.py times them, where the
+        next step's first pass also starts on tensors the reversed pass left in the cache).
         """
         options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
                        stochastic=self.stochastic_rounding)

@@ -117,7 +117,7 @@ def _table_noise16(x: Tensor) -> Tensor:
 
     Given the table, each element's value is uniform because s is, and independent of every earlier call's because
     each call draws its s afresh: the rounding stays unbiased step after step. The table makes neighbouring
-    elements' values differ (without it a constant tensor would round all one way). Two integer passes over x,
+    elements' values differ (without it a constant tensor would round all one way). One integer pass over x,
     against ~4 ns an element for torch.randint_like's generator."""
     table = _noise_tables.get(x.device)
     if table is None:

@@ -121,7 +121,7 @@ def adamp_update(params, grads, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, s
         num = exp_avg
     step_size = mt.realize(step_size)
     for p, g, n, d in zip(params, grads, num, denom):
-        perturb, ratio = _project(p, g, n / d if mt.compiling() else torch.div(n, d, out=d), delta, wd_ratio, eps)
+        perturb, ratio = _project(p, g, torch.div(n, d, out=d), delta, wd_ratio, eps)  # denom is scratch
         _decay_and_step(p, perturb, ratio, lr, wd_coef if decay else None, step_size)
 
 
