@@ -252,6 +252,25 @@ def test_eager_and_compiled_agree_without_recompiles(info):
     close(fused2, eager, rtol=1e-9, atol=1e-12)
 
 
+def test_step_inside_a_callers_torch_compile_is_left_to_the_optimizer(info):
+    """torch.compile around step() (the pattern torch.optim's docs show) reaches the step as a graph break: the
+    optimizer runs its own eager or fused kernels, so no graph is traced through the update, nothing recompiles
+    as the step count grows, and the steps equal the uncompiled run's bit for bit."""
+    from torch._dynamo.utils import counters
+
+    want, _ = run(info, steps=4)
+    params = make_params()
+    torch.manual_seed(0)
+    opt = make_opt(info, params)
+    torch._dynamo.reset()
+    counters["stats"].clear()
+    step = torch.compile(opt.step)
+    for _ in range(4):
+        step(closure_for(opt, params))
+    assert not counters["stats"]["unique_graphs"], "a graph was traced through the step"
+    assert same(params, want)
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
 def test_step_counts_as_an_in_place_change_of_the_params(info, compile):
     """A graph that saved the params before a step cannot be back-propagated through after it: autograd sees

@@ -623,30 +623,41 @@ def test_background_compiles_take_turns(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamp"])
-def test_step_inside_torch_compile_is_traced_into_the_callers_graph(name):
-    """A compiled training step (torch.compile(opt.step)) traces the update itself: the engine's own fused path
-    stands aside, so there is no graph break, and the numbers are the eager step's (AdamP: its traced projection,
-    whose realized values stay ordinary values of the caller's graph)."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+def test_compiled_training_step_compiles_once_and_equals_the_uncompiled_one(compile):
+    """A training step under torch.compile (forward, backward, step, zero_grad) with a learning-rate schedule:
+    the caller's graphs are traced at the first steps only (the step itself is a graph break, so its count and
+    learning rate are no constants of them), and the params follow the uncompiled run."""
     from torch._dynamo.utils import counters
 
-    def run(step_of):
+    def run(compiled):
         torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(20, 10, dtype=torch.float64)),
-              torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
-        opt = steepest.get(name).cls(ps, lr=0.1, weight_decay=0.1, compile=True)
-        step = step_of(opt)
-        for t in range(3):
-            for p in ps:
-                p.grad = torch.cos(p.detach() * (t + 1))
-            step()
-        return ps
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+        x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+        opt = steepest.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, compile=compile)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
 
-    counters.clear()
-    compiled = run(lambda opt: torch.compile(opt.step))
-    assert not counters["graph_break"]
-    for a, b in zip(compiled, run(lambda opt: opt.step)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        def train_step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        step = torch.compile(train_step) if compiled else train_step
+        graphs = []
+        for _ in range(8):
+            step()
+            sched.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        return list(model.parameters()), graphs
+
+    torch._dynamo.reset()
+    counters["stats"].clear()
+    compiled, graphs = run(True)
+    assert graphs[1] == graphs[-1], f"graphs traced at each step: {graphs}"
+    for a, b in zip(compiled, run(False)[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_realized_values_are_kernel_outputs_and_leave_the_numbers_alone(monkeypatch):

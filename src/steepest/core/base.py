@@ -87,6 +87,19 @@ def _apply_update(update, params, grads, states, scalars, wd, *, static, maximiz
     return outputs
 
 
+_OUTER_COMPILE_REASON = (
+    "steepest optimizers run their update in their own kernels (compile= picks eager or fused): a "
+    "torch.compile around step() compiles the rest of the function and calls the step between its graphs")
+
+
+def _outside_callers_graph(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` run by the Python interpreter when a caller's ``torch.compile`` reaches it (a graph break there),
+    not traced into the caller's graph: traced, the step count and the scalars drawn from it are constants of the
+    graph, so every step recompiled (AdamW 10 graphs in 12 steps, Muon 34 s of compiling) until dynamo's recompile
+    limit. Outside, the step runs its eager or fused kernels as it does uncompiled."""
+    return torch.compiler.disable(step, reason=_OUTER_COMPILE_REASON)
+
+
 def _refuse_torch_options(name: str, *, foreach: Any, fused: Any, capturable: Any, differentiable: Any) -> None:
     """torch.optim's implementation switches, accepted at torch's defaults (a line written for torch.optim runs
     as it is) and refused otherwise with what to write instead."""
@@ -625,6 +638,11 @@ class Optimizer(torch.optim.Optimizer):
     optional_states: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], bool]]] = {}
     update: ClassVar[Callable[..., None]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _outside_callers_graph(cls.__dict__["step"])
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, compile: bool | str = "auto",
                  skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None,
                  stochastic_rounding: bool | None = None, foreach: bool | None = None, fused: bool | None = None,
@@ -785,6 +803,7 @@ class Optimizer(torch.optim.Optimizer):
         return working_dtype(p.dtype)
 
     # ----------------------------------------------------------------------------------------- step
+    @_outside_callers_graph
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -993,7 +1012,8 @@ class Optimizer(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- fused path
     def _wants_compile(self, params: list[Tensor]) -> bool:
-        # Inside the caller's torch.compile (a compiled training step) the update is traced into their graph.
+        # Traced by a caller's torch.compile (the step itself is kept out of it; this guards code that calls the
+        # update functions from a traced function), the update stays plain ops of their graph.
         if self.compile is False or not self.fusable or not self._flattenable() or torch.compiler.is_compiling():
             return False
         if self.compile in (True, "background"):
