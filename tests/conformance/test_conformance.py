@@ -271,6 +271,37 @@ def test_step_inside_a_callers_torch_compile_is_left_to_the_optimizer(info):
     assert same(params, want)
 
 
+def test_step_inside_a_callers_autocast_runs_outside_it(info):
+    """A training loop written as one torch.autocast block calls step() inside it: the update runs outside it
+    (float32 params: autocast would take the matrix methods' products and the Hessian methods' products to
+    bfloat16) and equals the step taken outside it, while a closure runs under the caller's autocast."""
+    seen = []
+
+    def closure_of(opt, params):
+        inner = closure_for(opt, params)
+
+        def closure():
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            with torch.autocast("cpu", enabled=False):  # the same loss either way: only the step is compared
+                return inner()
+
+        return closure
+
+    def steps(autocast):
+        params = make_params(torch.float32)
+        torch.manual_seed(0)
+        opt = make_opt(info, params)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step(closure_of(opt, params))
+        return params
+
+    want = steps(False)
+    seen.clear()
+    assert same(steps(True), want)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen), seen
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
 def test_step_counts_as_an_in_place_change_of_the_params(info, compile):
     """A graph that saved the params before a step cannot be back-propagated through after it: autograd sees

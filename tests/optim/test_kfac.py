@@ -361,3 +361,43 @@ def test_deepcopy_of_model_and_optimizer_hooks_the_copy_to_the_copy(name):
         step(m, opt)
         step(m2, opt2)
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("name", ["kfac", "mkor"])
+def test_step_inside_a_callers_autocast_block(name):
+    """A loop written as one torch.autocast block (its forward and backward in float32 here, so that both runs
+    take the same gradients): the step (factor updates, inverses, preconditioning) runs outside the autocast
+    region and the model trains exactly as without the block (autocast would take its products to bfloat16)."""
+    cls = steepest.get(name).cls
+    kwargs = {"T_inv": 2, "T_cov": 1} if name == "kfac" else {"inv_freq": 1}
+
+    def run(autocast):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = cls(m, lr=0.1, **kwargs)
+        x, y = torch.randn(32, 5), torch.randn(32, 3)
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.zero_grad()
+                with torch.autocast("cpu", enabled=False):
+                    F.mse_loss(m(x), y).backward()
+                opt.step()
+        return list(m.parameters())
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_factor_statistics_ignore_autocast():
+    """input_covariance and output_grad_covariance called inside an autocast region (a forward or backward hook
+    of an autocast forward) return what they return outside it: float32 products of the float32 values."""
+    from steepest.optim.kfac import Layer, input_covariance, output_grad_covariance
+
+    torch.manual_seed(0)
+    layer = Layer(torch.nn.Linear(7, 5))
+    x, g = torch.randn(64, 7), torch.randn(64, 5)
+    want = input_covariance(layer, x, torch.float32), output_grad_covariance(layer, g, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = input_covariance(layer, x, torch.float32), output_grad_covariance(layer, g, torch.float32, True)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -8,10 +8,58 @@ that E[round(x)] = x and updates smaller than half a bf16 ulp are not lost on av
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
 import torch
 from torch import Tensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "privateuseone")
+AutocastRegion = tuple[str, torch.dtype, bool]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def autocast_regions() -> list[AutocastRegion]:
+    """(device type, dtype, cache enabled) of every ``torch.autocast`` region the caller is in."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if any_enabled is not None and not any_enabled():
+        return []
+    return [(d, torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled()) for d in _AUTOCAST_DEVICES
+            if torch.is_autocast_enabled(d)]
+
+
+@contextlib.contextmanager
+def autocast_off(regions: list[AutocastRegion] | None = None) -> Iterator[None]:
+    """Leave the given autocast regions (default: all the caller is in) for the body."""
+    with contextlib.ExitStack() as stack:
+        for device, _, _ in autocast_regions() if regions is None else regions:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def autocast_on(regions: list[AutocastRegion]) -> Iterator[None]:
+    """Enter the given autocast regions again (those :func:`autocast_regions` returned) for the body."""
+    with contextlib.ExitStack() as stack:
+        for device, dtype, cache in regions:
+            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+        yield
+
+
+def outside_autocast(fn: F) -> F:
+    """``fn`` run outside any autocast region its caller is in: a statistic a hook takes during the caller's
+    forward or backward keeps the precision ``fn`` computes it in (autocast would run its matrix products in
+    16 bits)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with autocast_off():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

@@ -155,8 +155,8 @@ class HessianDiagonalOptimizer(Optimizer):
         """One step; ``closure`` re-evaluates the loss and calls ``loss.backward(create_graph=True)``."""
         if closure is None:
             raise self._missing_closure_error()
-        with torch.enable_grad(), double_backward_attention():
-            loss = closure()
+        with double_backward_attention():
+            loss = self.call_closure(closure)
         work = self._collect()
         if not work:
             return loss

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.global_step import GlobalStepOptimizer
-from ..core.precision import working_dtype
+from ..core.precision import outside_autocast, working_dtype
 from ..core.registry import register
 
 
@@ -59,6 +59,7 @@ def supported(module: nn.Module) -> bool:
     return False
 
 
+@outside_autocast
 def input_covariance(layer: Layer, x: Tensor, dtype: torch.dtype) -> Tensor:
     """The batch's A factor: E[a a^T] over examples, a = [input; 1] (KFC for convolutions)."""
     x = x.detach().to(dtype)
@@ -78,6 +79,7 @@ def input_covariance(layer: Layer, x: Tensor, dtype: torch.dtype) -> Tensor:
     return a.t() @ (a / batch)
 
 
+@outside_autocast
 def output_grad_covariance(layer: Layer, g: Tensor, dtype: torch.dtype, batch_averaged: bool) -> Tensor:
     """The batch's G factor: E[g g^T] over examples of the gradients w.r.t. the layer's outputs."""
     g = g.detach().to(dtype)

@@ -99,8 +99,7 @@ class ALRSMAG(GlobalStepOptimizer):
         if closure is None:
             raise ValueError("ALRSMAG.step needs a closure that re-evaluates the model and returns the loss "
                              "(step(closure)): the Polyak step size divides the loss gap f - f_star")
-        with torch.enable_grad():
-            loss = closure()
+        loss = self.call_closure(closure)
         work = self._collect()
         if not work:
             return loss

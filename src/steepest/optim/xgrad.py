@@ -109,8 +109,7 @@ class XGrad(Optimizer):
                              f"backward (step(closure)): XGrad computes the gradients at predicted weights")
         cache = self._predict()
         try:
-            with torch.enable_grad():
-                loss = closure()
+            loss = self.call_closure(closure)
         finally:
             for p, saved in cache:
                 p.copy_(saved)
