@@ -321,7 +321,7 @@ def test_step_counts_as_an_in_place_change_of_the_params(info, compile):
             held[i].backward()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_tracks_float64(info, dtype):
     applies(info, "dtypes")
     ref, _ = run(info, steps=5, dtype=torch.float64)
@@ -330,13 +330,14 @@ def test_low_precision_tracks_float64(info, dtype):
     for s in opt.state.values():
         for v in s.values():
             if torch.is_tensor(v) and v.is_floating_point():
-                assert v.dtype in (torch.float32,) if dtype == torch.bfloat16 else v.dtype == dtype
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                assert v.dtype == (torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     for a, b in zip(got, ref):
         assert torch.isfinite(a.float()).all()
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 10)
-    if dtype == torch.bfloat16 and "bf16_tracking" not in info.conformance_skip:
-        # Where the float64 run moved an entry by more than two bfloat16 spacings, the bfloat16 storage moved too,
+    tracking = {torch.bfloat16: "bf16_tracking", torch.float16: "fp16_tracking"}.get(dtype)
+    if tracking is not None and tracking not in info.conformance_skip:
+        # Where the float64 run moved an entry by more than two 16-bit spacings, the 16-bit storage moved too,
         # the same way (a stored param that never takes its updates passes the tolerance above).
         start = make_params()
         for a, b, s in zip(got, ref, start):

@@ -121,21 +121,38 @@ def test_dog_first_step_size_and_growth():
     assert opt.param_groups[0]["rbar"] > 1e3 * 1e-6 * (1 + x0_norm), "the distance estimate should grow quickly"
 
 
-@pytest.mark.parametrize("cls", [DoG, LDoG])
-def test_trains_mlp_with_no_lr_tuning(cls):
-    """Defaults only (the paper: no learning rate to tune): a small MLP fits a teacher's labels."""
+def _teacher_mlp_run(make, dtype=torch.float32, steps=300):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(512, 16, generator=g)
     y = (torch.tanh(X @ torch.randn(16, 32, generator=g)) @ torch.randn(32, 4, generator=g)).argmax(1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
-    opt = cls(model.parameters())
-    for _ in range(300):
-        loss = torch.nn.functional.cross_entropy(model(X), y)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)).to(dtype)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = make(model.parameters())
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(X.to(dtype)).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1, loss.item()
+    return loss.item(), start, list(model.parameters())
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_trains_mlp_with_no_lr_tuning(cls):
+    """Defaults only (the paper: no learning rate to tune): a small MLP fits a teacher's labels."""
+    loss, _, _ = _teacher_mlp_run(cls)
+    assert loss < 0.1, loss
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_bfloat16_params_round_stochastically_so_they_move(cls):
+    """bfloat16 params rounded to nearest never take DoG's first steps (eta ~ reps_rel |x|, far below half a
+    spacing): not one entry moves in 100 steps. By default the writes round stochastically and the same model
+    trains, as in float32."""
+    _, start, end = _teacher_mlp_run(lambda ps: cls(ps, stochastic_rounding=False), torch.bfloat16, steps=100)
+    assert all(torch.equal(a, b) for a, b in zip(start, end))
+    loss, _, _ = _teacher_mlp_run(cls, torch.bfloat16)
+    assert loss < 0.1, loss
 
 
 @pytest.mark.parametrize("cls, blocks", [(DoG, [list(range(len(SHAPES)))]), (LDoG, [[i] for i in range(len(SHAPES))])],

@@ -621,7 +621,8 @@ class Optimizer(torch.optim.Optimizer):
         state_dtype: dtype of floating-point state buffers. ``None`` (default) keeps float32 states
             for 16-bit params and the param's dtype otherwise; ``torch.bfloat16`` halves state memory.
         stochastic_rounding: round writes of float32 working values into bfloat16 storage (states
-            and params) stochastically. Defaults to True when ``state_dtype`` is bfloat16.
+            and params) stochastically. Defaults to True when ``state_dtype`` is bfloat16, and for methods that
+            say so (Prodigy, DoG, LDoG: with bfloat16 params).
     """
 
     hyperparams: ClassVar[Mapping[str, checks.Check]] = {}
@@ -667,6 +668,9 @@ class Optimizer(torch.optim.Optimizer):
     # is left as it is and not passed to the update (torch.optim.SGD's buffer waits the same way). A state_dict with
     # or without them loads. Such states are shaped like their param.
     optional_states: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], bool]]] = {}
+    # Writes into bfloat16 storage (bfloat16 params included) round stochastically unless stochastic_rounding=False:
+    # for methods whose step size is estimated from how far the params moved, which rounded to nearest never move.
+    stochastic_rounding_default: ClassVar[bool] = False
     update: ClassVar[Callable[..., None]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -689,7 +693,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: state_dtype must be None, torch.float32, torch.float64, "
                              f"torch.bfloat16 or torch.float16, got {state_dtype!r}")
         if stochastic_rounding is None:
-            stochastic_rounding = state_dtype == torch.bfloat16
+            stochastic_rounding = state_dtype == torch.bfloat16 or self.stochastic_rounding_default
         checks.boolean("stochastic_rounding", stochastic_rounding)
         defaults = dict(defaults)
         defaults.setdefault("maximize", False)
