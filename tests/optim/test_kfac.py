@@ -401,3 +401,16 @@ def test_factor_statistics_ignore_autocast():
         got = input_covariance(layer, x, torch.float32), output_grad_covariance(layer, g, torch.float32, True)
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["kfac", "mkor"])
+def test_lazy_model_is_refused_until_its_first_forward(name):
+    """Layers hooked by type: a LazyLinear is no nn.Linear before its first forward, so a model built lazily is
+    refused (naming the module and the fix) instead of stepping every layer with the fallback; after one forward
+    the same model is hooked whole."""
+    cls = steepest.get(name).cls
+    model = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"lazy modules .*'0', '2'.*forward pass"):
+        cls(model, lr=0.1)
+    model(torch.randn(4, 5))
+    assert len(cls(model, lr=0.1).layers) == 2

@@ -132,6 +132,16 @@ class LayerHookOptimizer(GlobalStepOptimizer):
         ``fallback``.
         """
         is_model = isinstance(model, nn.Module)
+        if is_model:
+            lazy = [name for name, m in model.named_modules()
+                    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+            if lazy:
+                # Hooked by type, a LazyLinear is no nn.Linear until its first forward: every layer would silently
+                # take the fallback step.
+                raise ValueError(f"{type(self).__name__}: model holds lazy modules whose shapes are not known yet "
+                                 f"({', '.join(repr(n) for n in lazy[:3])}{', ...' if len(lazy) > 3 else ''}); run "
+                                 f"one forward pass (model(x)) before building the optimizer, so that its layers "
+                                 f"can be hooked")
         GlobalStepOptimizer.__init__(self, model.parameters() if is_model else model, defaults, **engine)
         self.layer_steps = 0
         self.layers = []
