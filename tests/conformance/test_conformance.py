@@ -77,6 +77,31 @@ def test_invalid_param_group_changes_nothing(info):
     assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in before]
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "fused"])
+def test_param_resized_after_its_state_was_made_is_refused_before_any_change(info, compile):
+    """p.data replaced by a larger tensor (an embedding grown in place): the step refuses it, naming the param,
+    the state and the fix, before anything changes (eager, the broadcast error came after the params before it
+    had stepped; fused, the kernel ran on states too short); after ``del opt.state[p]`` it steps again."""
+    if compile:
+        applies(info, "compile")
+    params = make_params()
+    opt = make_opt(info, params, compile=compile)
+    opt.step(closure_for(opt, params))
+    if not any(isinstance(v, torch.Tensor) and v.shape == params[0].shape for v in opt.state[params[0]].values()):
+        pytest.skip(f"{info.name} keeps no state shaped like the param")
+    params[0].data = torch.randn(7, 4, dtype=params[0].dtype)
+    before, state = snapshot(params), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param 0 of group 0 has shape \(7, 4\) but its state .* shape \(5, 4\)"):
+        opt.step(closure_for(opt, params))
+    assert same(params, before)
+    after = opt.state_dict()
+    assert all(same([a[k]], [b[k]]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+               for a, b in zip(after["state"].values(), state["state"].values()) for k in a)
+    del opt.state[params[0]]
+    opt.step(closure_for(opt, params))
+    assert not same(params, before)
+
+
 def test_param_groups_equal_separate_optimizers(info):
     applies(info, "param_groups")
     lr = info.example_kwargs.get("lr", 1e-3)

@@ -131,6 +131,17 @@ def _own_step(step: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compiler.disable(run, reason=_OUTER_COMPILE_REASON)
 
 
+def _resized_state(p: Tensor, state: Mapping[str, Any], shaped: tuple[str, ...]) -> str | None:
+    """The name of p's first state among ``shaped`` (made shaped like the param, or like its real view for a complex
+    param) if its shape is no longer p's."""
+    for name in shaped:
+        v = state.get(name)
+        if v is not None:
+            same = v.shape == p.shape or (p.is_complex() and v.shape == (*p.shape, 2))
+            return None if same else name
+    return None
+
+
 def _refuse_torch_options(name: str, *, foreach: Any, fused: Any, capturable: Any, differentiable: Any) -> None:
     """torch.optim's implementation switches, accepted at torch's defaults (a line written for torch.optim runs
     as it is) and refused otherwise with what to write instead."""
@@ -708,7 +719,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
     _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_scratch_cache", "_plans",
-                                                 "_compile_jobs", "_scalar_slots")
+                                                 "_compile_jobs", "_scalar_slots", "_shape_witness")
     # torch.optim.Optimizer's hook registries: a copy starts without hooks, as torch's optimizers do.
     _hook_attrs: ClassVar[tuple[str, ...]] = (
         "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -721,6 +732,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[tuple, _FusedPlan] = {}
         self._compile_jobs: dict[tuple, _CompileJob] = {}
         self._scalar_slots: dict[int, tuple[Any, tuple[Tensor, ...]]] = {}
+        self._shape_witness: dict[int, tuple[str, ...]] = {}
         # Elements of the params this step updates, in all groups: what compile="auto" decides on.
         self._step_numel = 0
 
@@ -872,8 +884,12 @@ class Optimizer(torch.optim.Optimizer):
         work = []
         subclasses_ok = self.takes_dtensor_params()
         numel = 0
+        state_of = self.state.get
         for gi, group in enumerate(self.param_groups):
             params = []
+            shaped = self._shape_witness.get(id(group))
+            if shaped is None:
+                shaped = self._shape_witness[id(group)] = self._param_shaped_states(group)
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -900,12 +916,45 @@ class Optimizer(torch.optim.Optimizer):
                 if g.shape != p.shape:
                     raise RuntimeError(f"param {pi} of group {gi} has shape {tuple(p.shape)} but its grad has "
                                        f"shape {tuple(g.shape)}")
+                st = state_of(p)
+                if st and (resized := _resized_state(p, st, shaped)):
+                    self._refuse_state_shape(p, resized, st[resized], gi, pi)
                 params.append(p)
                 numel += p.numel()
             if params:
                 work.append((group, params))
         self._step_numel = numel
         return work
+
+    def _param_shaped_states(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state names the method makes shaped like their param, for a matrix and for a vector in this group
+        (the required ones first); a param's first one present is compared with the param's shape at each step."""
+        names: list[str] = []
+        for shape in ((3, 2), (3,)):
+            template = self.init_state(torch.empty(shape, device="meta"), group)
+            names += [k for k, t in template.items() if isinstance(t, Tensor) and t.shape == shape and k not in names]
+        return tuple(sorted(names, key=lambda k: k in self.optional_states))
+
+    def check_state_shapes(self) -> None:
+        """Refuse (ValueError) any param whose state was made for another shape, gradient or not: for steps that
+        read the state before the gradients (XGrad's weight prediction)."""
+        for gi, group in enumerate(self.param_groups):
+            shaped = self._shape_witness.get(id(group))
+            if shaped is None:
+                shaped = self._shape_witness[id(group)] = self._param_shaped_states(group)
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if st and (resized := _resized_state(p, st, shaped)):
+                    self._refuse_state_shape(p, resized, st[resized], gi, pi)
+
+    def _refuse_state_shape(self, p: Tensor, name: str, v: Tensor, gi: int, pi: int) -> None:
+        """A param whose shape changed since its state was made (``p.data`` replaced by a resized tensor, as when an
+        embedding grows) is refused: eager, the step failed midway with a broadcast error after updating the params
+        before it; fused, the kernel read the old states past their end."""
+        raise ValueError(f"{type(self).__name__}: param {pi} of group {gi} has shape {tuple(p.shape)} but its state "
+                         f"{name!r} was made for shape {tuple(v.shape)} (the param's data was replaced by a resized "
+                         f"tensor); build a new optimizer for the new shapes, or drop this param's state "
+                         f"(del opt.state[p]) to restart it")
 
     @staticmethod
     def _grads_finite(work: list[tuple[dict[str, Any], list[Tensor]]]) -> bool:

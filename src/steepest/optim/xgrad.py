@@ -107,6 +107,7 @@ class XGrad(Optimizer):
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that re-evaluates the model and calls "
                              f"backward (step(closure)): XGrad computes the gradients at predicted weights")
+        self.check_state_shapes()
         cache = self._predict()
         try:
             loss = self.call_closure(closure)
