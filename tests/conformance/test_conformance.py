@@ -53,6 +53,18 @@ def test_bad_hyperparameters_raise_naming_the_parameter(info):
             make_opt(info, params, **{key: bad})
 
 
+def test_engine_options_are_checked(info):
+    """state_dtype float16 is refused naming bfloat16 (squared gradients below ~2.4e-4 underflow to 0 there: AdamW
+    with gradients of 1e-4 took steps of lr m / eps), other dtypes and non-boolean switches name the option."""
+    for kwargs, match in [(dict(state_dtype=torch.float16), r"state_dtype=torch.float16 .*torch.bfloat16"),
+                          (dict(state_dtype=torch.int32), r"state_dtype must be"),
+                          (dict(compile="yes"), r"compile must be"),
+                          (dict(stochastic_rounding=1), r"stochastic_rounding"),
+                          (dict(skip_nonfinite="no"), r"skip_nonfinite")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            make_opt(info, make_params(), **kwargs)
+
+
 def test_torch_implementation_switches_accepted_at_torch_defaults_refused_otherwise(info):
     """A line written for torch.optim (foreach=None, fused=None, capturable=False, differentiable=False) runs as it
     is; asking for one of torch's kernels names compile=, the switch that does it here."""

@@ -630,7 +630,8 @@ class Optimizer(torch.optim.Optimizer):
             parameter, no state, no step count) and is counted in ``skipped_steps``. Off by
             default: it costs one device-to-host synchronisation per step.
         state_dtype: dtype of floating-point state buffers. ``None`` (default) keeps float32 states
-            for 16-bit params and the param's dtype otherwise; ``torch.bfloat16`` halves state memory.
+            for 16-bit params and the param's dtype otherwise; ``torch.bfloat16`` halves state memory
+            (``torch.float16`` is refused: squared gradients underflow in its range).
         stochastic_rounding: round writes of float32 working values into bfloat16 storage (states
             and params) stochastically. Defaults to True when ``state_dtype`` is bfloat16, and for methods that
             say so (Prodigy, DoG, LDoG: with bfloat16 params).
@@ -699,10 +700,15 @@ class Optimizer(torch.optim.Optimizer):
         _refuse_torch_options(name, foreach=foreach, fused=fused, capturable=capturable,
                               differentiable=differentiable)
         checks.boolean("skip_nonfinite", skip_nonfinite)
-        if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16,
-                                                          torch.float16):
-            raise ValueError(f"{name}: state_dtype must be None, torch.float32, torch.float64, "
-                             f"torch.bfloat16 or torch.float16, got {state_dtype!r}")
+        if state_dtype == torch.float16:
+            # Squares of gradients below ~2.4e-4 are 0 in float16: Adam's v underflows and its steps become
+            # lr m / eps (AdamW, gradients of 1e-4: |p| 18x the float32 run's after 20 steps).
+            raise ValueError(f"{name}: state_dtype=torch.float16 is not supported: its range ends at 6e-8, so "
+                             f"squared gradients below ~2.4e-4 round to 0 and second-moment steps blow up to "
+                             f"lr m / eps; use torch.bfloat16 (float32's range in half the memory)")
+        if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            raise ValueError(f"{name}: state_dtype must be None, torch.float32, torch.float64 or "
+                             f"torch.bfloat16, got {state_dtype!r}")
         if stochastic_rounding is None:
             stochastic_rounding = state_dtype == torch.bfloat16 or self.stochastic_rounding_default
         checks.boolean("stochastic_rounding", stochastic_rounding)
