@@ -128,7 +128,10 @@ def _own_step(step: Callable[..., Any]) -> Callable[..., Any]:
             finally:
                 self._caller_autocast = None
 
-    return torch.compiler.disable(run, reason=_OUTER_COMPILE_REASON)
+    try:
+        return torch.compiler.disable(run, reason=_OUTER_COMPILE_REASON)
+    except TypeError:  # older torch (the range admits 2.4) takes no reason
+        return torch.compiler.disable(run)
 
 
 def _resized_state(p: Tensor, state: Mapping[str, Any], shaped: tuple[str, ...]) -> str | None:
