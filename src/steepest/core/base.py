@@ -728,7 +728,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
     _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_scratch_cache", "_plans",
-                                                 "_compile_jobs", "_scalar_slots", "_shape_witness")
+                                                 "_compile_jobs", "_scalar_slots", "_param_shaped")
     # torch.optim.Optimizer's hook registries: a copy starts without hooks, as torch's optimizers do.
     _hook_attrs: ClassVar[tuple[str, ...]] = (
         "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -741,7 +741,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[tuple, _FusedPlan] = {}
         self._compile_jobs: dict[tuple, _CompileJob] = {}
         self._scalar_slots: dict[int, tuple[Any, tuple[Tensor, ...]]] = {}
-        self._shape_witness: dict[int, tuple[str, ...]] = {}
+        self._param_shaped: dict[int, tuple[str, ...]] = {}
         # Elements of the params this step updates, in all groups: what compile="auto" decides on.
         self._step_numel = 0
 
@@ -896,9 +896,7 @@ class Optimizer(torch.optim.Optimizer):
         state_of = self.state.get
         for gi, group in enumerate(self.param_groups):
             params = []
-            shaped = self._shape_witness.get(id(group))
-            if shaped is None:
-                shaped = self._shape_witness[id(group)] = self._param_shaped_states(group)
+            shaped = self._param_shaped_states(group)
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -937,20 +935,23 @@ class Optimizer(torch.optim.Optimizer):
 
     def _param_shaped_states(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state names the method makes shaped like their param, for a matrix and for a vector in this group
-        (the required ones first); a param's first one present is compared with the param's shape at each step."""
-        names: list[str] = []
-        for shape in ((3, 2), (3,)):
-            template = self.init_state(torch.empty(shape, device="meta"), group)
-            names += [k for k, t in template.items() if isinstance(t, Tensor) and t.shape == shape and k not in names]
-        return tuple(sorted(names, key=lambda k: k in self.optional_states))
+        (the required ones first; found once per group); a param's first one present is compared with the param's
+        shape at each step."""
+        names = self._param_shaped.get(id(group))
+        if names is None:
+            found: list[str] = []
+            for shape in ((3, 2), (3,)):
+                template = self.init_state(torch.empty(shape, device="meta"), group)
+                found += [k for k, t in template.items()
+                          if isinstance(t, Tensor) and t.shape == shape and k not in found]
+            names = self._param_shaped[id(group)] = tuple(sorted(found, key=lambda k: k in self.optional_states))
+        return names
 
     def check_state_shapes(self) -> None:
         """Refuse (ValueError) any param whose state was made for another shape, gradient or not: for steps that
         read the state before the gradients (XGrad's weight prediction)."""
         for gi, group in enumerate(self.param_groups):
-            shaped = self._shape_witness.get(id(group))
-            if shaped is None:
-                shaped = self._shape_witness[id(group)] = self._param_shaped_states(group)
+            shaped = self._param_shaped_states(group)
             for pi, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 if st and (resized := _resized_state(p, st, shaped)):
