@@ -3,6 +3,8 @@ code (carmonlab/dog 1.0.2: rbar_0 = reps_rel (1 + ||x_0||), G_0 = ||g_0||^2 + ep
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,14 @@ def test_initial_point_is_kept_exact_under_bfloat16_states(cls):
         assert opts[1].state[p]["x0"].dtype == torch.float32 and torch.equal(opts[1].state[p]["x0"], x0)
     for a, b in zip(params, ref):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_float16_params_warn_that_their_steps_round_to_nearest(cls):
+    """float16 has no stochastic rounding here: DoG's first steps would be lost as bfloat16's were, so building the
+    optimizer over float16 params says so (bfloat16 and float32 params build silently)."""
+    with pytest.warns(UserWarning, match="float16 params are written rounded to nearest"):
+        cls([torch.nn.Parameter(torch.ones(3, dtype=torch.float16))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls([torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(3))])

@@ -59,8 +59,8 @@ class DoG(GlobalStepOptimizer):
     stays 0 and the step size keeps its first value (a small MLP's loss is unchanged after 300 steps). Rounded
     stochastically, the params are right in expectation and the distance also counts the rounding noise (about the
     square root of the entries moved, in spacings), which acts as a larger reps_rel at the start (that MLP after 300
-    steps: 0.014 in bfloat16, 0.050 in float32). float16 params have no stochastic rounding: keep float32 params
-    (autocast the forward) instead.
+    steps: 0.014 in bfloat16, 0.050 in float32). float16 params have no stochastic rounding (building the optimizer
+    over them warns): keep float32 params (autocast the forward) instead.
     """
 
     hyperparams = _HYPER

@@ -74,7 +74,8 @@ class Prodigy(GlobalStepOptimizer):
     package's d stays 1e-6 over 30 steps of a problem whose float32 run reaches d = 0.35; a small MLP after 60
     steps: loss 1.35 for the package in bfloat16, 1.28 rounded to nearest here, 0.0011 in float32). Rounded
     stochastically, p is right in expectation and so is the numerator, linear in p (d 0.34 and loss 0.0012
-    there). float16 params have no stochastic rounding: keep float32 params (autocast the forward) instead.
+    there). float16 params have no stochastic rounding (building the optimizer over them warns): keep float32
+    params (autocast the forward) instead.
     """
 
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "beta3": _beta3_check,
