@@ -659,7 +659,8 @@ class Optimizer(torch.optim.Optimizer):
     # The update couples no two tensors, so the fused path may compile one tensor at a time.
     per_tensor: ClassVar[bool] = True
     # The step count only tells the first step from the others, so a state_dict of an optimizer that counts no
-    # steps (torch.optim.SGD) loads, as a state that has stepped.
+    # steps per param (torch.optim.SGD; D-Adaptation SGD's package, which counts k in its groups) loads, as a state
+    # that has stepped (k times where the group says so).
     loads_stepless_state: ClassVar[bool] = False
     # False for methods whose step is not a good compile target (matrix decompositions, host-side reductions):
     # they always run the eager path, whatever ``compile`` says. So do updates that neither flatten nor take
@@ -683,6 +684,15 @@ class Optimizer(torch.optim.Optimizer):
     # is left as it is and not passed to the update (torch.optim.SGD's buffer waits the same way). A state_dict with
     # or without them loads. Such states are shaped like their param.
     optional_states: ClassVar[Mapping[str, Callable[[Mapping[str, Any]], bool]]] = {}
+    # States the authors' package keeps flattened: a state_dict of theirs holds them as 1-D tensors of the param's
+    # size, loaded in the param's shape.
+    flat_states: ClassVar[tuple[str, ...]] = ()
+    # Group options a state_dict of the authors' package lacks, which no longer matter once it has stepped (its
+    # initial estimate d0): taken from this optimizer's group on load.
+    package_group_gaps: ClassVar[tuple[str, ...]] = ()
+    # States the authors' package keeps and this implementation recomputes (D-Adaptation SGD's z = x0 - s): dropped
+    # from a state_dict on load.
+    package_only_states: ClassVar[tuple[str, ...]] = ()
     # Writes into bfloat16 storage (bfloat16 params included) round stochastically unless stochastic_rounding=False:
     # for methods whose step size is estimated from how far the params moved, which rounded to nearest never move.
     stochastic_rounding_default: ClassVar[bool] = False
@@ -1385,7 +1395,9 @@ class Optimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"{name}: param group {gi} of the state_dict holds {len(saved['params'])} "
                                  f"params, this optimizer's holds {len(group['params'])}")
-            saved = {**self.later_defaults, **saved}
+            # torch.optim's and the authors' packages' groups may lack maximize (older torch; packages without it).
+            saved = {"maximize": False, **self.later_defaults,
+                     **{k: group[k] for k in self.package_group_gaps if k in group}, **saved}
             filled_groups.append(saved)
             missing = [k for k in self.defaults if k not in saved]
             if missing:
@@ -1407,9 +1419,9 @@ class Optimizer(torch.optim.Optimizer):
             required, allowed = (set(template) - optional) | {"step"}, set(template) | optional | {"step"}
             # torch.optim.SGD keeps momentum_buffer None without momentum, and counts no steps: a buffer it has
             # says it has stepped.
-            st = {k: v for k, v in st.items() if v is not None}
+            st = {k: v for k, v in st.items() if v is not None and k not in self.package_only_states}
             if self.loads_stepless_state and "step" not in st and set(template) <= set(st) <= allowed:
-                st["step"] = 1
+                st["step"] = max(int(group.get("k", 1)), 1)
             states[sid] = st
             if not required <= set(st) <= allowed:
                 expected = sorted(required) + [f"{k} (optional)" for k in sorted(allowed - required)]
@@ -1421,6 +1433,9 @@ class Optimizer(torch.optim.Optimizer):
                 if k not in st:
                     continue
                 v = st[k]
+                if (k in self.flat_states and isinstance(v, Tensor) and v.dim() == 1 and v.shape != t.shape
+                        and v.numel() == t.numel()):
+                    v = st[k] = v.reshape(t.shape)
                 if not isinstance(v, Tensor) or v.shape != t.shape:
                     got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                     raise ValueError(f"{name}: state {k!r} of parameter {sid} has shape {got}, expected "

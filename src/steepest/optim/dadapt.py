@@ -49,7 +49,8 @@ class DAdaptAdam(GlobalStepOptimizer):
     takes the step that one process would take over the whole model.
 
     Differences from the package: betas, decouple, use_bias_correction, d0 and growth_rate must agree
-    across param groups (the package silently reads group 0); p.grad is never modified (the package adds
+    across param groups (the package silently reads group 0); a state_dict of the package loads and continues its
+    run (d0, which its groups lack, from this optimizer's); p.grad is never modified (the package adds
     L2 decay into it); the running numerator in the groups is the whole model's (the package keeps
     each process's share and all-reduces it). If sum ||s||_1 is zero
     (all gradients zero so far) the moments are updated and nothing else, as in the package. After the
@@ -67,6 +68,7 @@ class DAdaptAdam(GlobalStepOptimizer):
                    "layer_scale": checks.nonnegative, "log_every": checks.integer(0)}
     shared_options = ("betas", "decouple", "use_bias_correction", "d0", "growth_rate", "log_every")
     later_defaults = {"log_every": 0}
+    package_group_gaps = ("d0",)
     fusable = True
     shardable = True
 
@@ -213,9 +215,10 @@ class DAdaptSGD(GlobalStepOptimizer):
 
     Differences from the package: z is not stored (it is x0 - s, recomputed: 2 words instead of 3);
     momentum, weight_decay, d0 and growth_rate must agree across groups (the package reads group 0);
-    p.grad is never modified; the running numerator in the groups is the whole model's (the package keeps each
-    process's share and all-reduces it). A first step whose gradients are all zero changes
-    nothing and is not counted (the package divides by ||g_0|| = 0 there and raises ZeroDivisionError).
+    p.grad is never modified; a state_dict of the package loads and continues its run (its z dropped, the per-param
+    step counts taken from k, d0 from this optimizer's group); the running numerator in the groups is the whole
+    model's (the package keeps each process's share and all-reduces it). A first step whose gradients are all zero
+    changes nothing and is not counted (the package divides by ||g_0|| = 0 there and raises ZeroDivisionError).
     As in the package, ||g_0|| leaves weight decay out (the package's ``grad.add`` there is not in place).
     """
 
@@ -223,6 +226,9 @@ class DAdaptSGD(GlobalStepOptimizer):
                    "d0": checks.positive, "growth_rate": growth_rate_check, "log_every": checks.integer(0)}
     shared_options = ("momentum", "weight_decay", "d0", "growth_rate", "log_every")
     later_defaults = {"log_every": 0}
+    package_group_gaps = ("d0",)
+    package_only_states = ("z",)
+    loads_stepless_state = True
     fusable = True
     shardable = True
 

@@ -63,7 +63,8 @@ class Prodigy(GlobalStepOptimizer):
 
     Differences from the package: p0 is always a copy (the package stores a scalar 0 for an all-zero tensor: the
     same numbers); betas, beta3, decouple, use_bias_correction, d0, d_coef and growth_rate must agree across groups
-    (the package reads group 0); p.grad is never modified. If
+    (the package reads group 0); p.grad is never modified; a state_dict of the package loads (its flattened s and
+    p0 in the param's shape) and continues its run. If
     sum ||s||_1 is zero the moments are updated and nothing else, as in the package. As in the package, a group
     with lr 0 keeps its moments but, with ``decouple=True`` (the default), still takes the weight decay
     p (1 - wd dlr) at the shared dlr: give it weight_decay 0 to freeze it entirely.
@@ -100,6 +101,7 @@ class Prodigy(GlobalStepOptimizer):
     exact_states = ("p0",)
 
     later_defaults = {"slice_p": 1}
+    flat_states = ("s", "p0")
 
     def _collect(self):
         work = super()._collect()
