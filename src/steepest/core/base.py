@@ -690,6 +690,10 @@ class Optimizer(torch.optim.Optimizer):
     # Group options a state_dict of the authors' package lacks, which no longer matter once it has stepped (its
     # initial estimate d0): taken from this optimizer's group on load.
     package_group_gaps: ClassVar[tuple[str, ...]] = ()
+    # Names the authors' package gives states (SGDP's "momentum" buffer) or group options (QHAdam's
+    # "decouple_weight_decay") that this implementation names otherwise: renamed on load.
+    package_state_names: ClassVar[Mapping[str, str]] = {}
+    package_group_names: ClassVar[Mapping[str, str]] = {}
     # States the authors' package keeps and this implementation recomputes (D-Adaptation SGD's z = x0 - s): dropped
     # from a state_dict on load.
     package_only_states: ClassVar[tuple[str, ...]] = ()
@@ -972,6 +976,11 @@ class Optimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and (resized := _resized_state(p, st, shaped)):
                     self._refuse_state_shape(p, resized, st[resized], gi, pi)
+
+    def from_package_state(self, state: dict[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
+        """A param's state from a state_dict of the authors' package, as this optimizer keeps it (``load_state_dict``
+        calls it; by default the state as it is)."""
+        return state
 
     def _refuse_state_shape(self, p: Tensor, name: str, v: Tensor, gi: int, pi: int) -> None:
         """A param whose shape changed since its state was made (``p.data`` replaced by a resized tensor, as when an
@@ -1397,7 +1406,8 @@ class Optimizer(torch.optim.Optimizer):
                                  f"params, this optimizer's holds {len(group['params'])}")
             # torch.optim's and the authors' packages' groups may lack maximize (older torch; packages without it).
             saved = {"maximize": False, **self.later_defaults,
-                     **{k: group[k] for k in self.package_group_gaps if k in group}, **saved}
+                     **{k: group[k] for k in self.package_group_gaps if k in group},
+                     **{self.package_group_names.get(k, k): v for k, v in saved.items()}}
             filled_groups.append(saved)
             missing = [k for k in self.defaults if k not in saved]
             if missing:
@@ -1419,7 +1429,8 @@ class Optimizer(torch.optim.Optimizer):
             required, allowed = (set(template) - optional) | {"step"}, set(template) | optional | {"step"}
             # torch.optim.SGD keeps momentum_buffer None without momentum, and counts no steps: a buffer it has
             # says it has stepped.
-            st = {k: v for k, v in st.items() if v is not None and k not in self.package_only_states}
+            st = self.from_package_state({self.package_state_names.get(k, k): v for k, v in st.items()
+                                          if v is not None and k not in self.package_only_states}, group)
             if self.loads_stepless_state and "step" not in st and set(template) <= set(st) <= allowed:
                 st["step"] = max(int(group.get("k", 1)), 1)
             states[sid] = st

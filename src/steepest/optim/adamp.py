@@ -232,6 +232,8 @@ class SGDP(Optimizer):
     eps 1e-8, delta 0.1, wd_ratio 0.1. State: momentum_buffer (1 word, also with momentum 0, as the package).
     """
 
+    loads_stepless_state = True  # the adamp package counts no steps
+    package_state_names = {"momentum": "momentum_buffer"}
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "dampening": checks.real(0.0, 1.0),
                    "weight_decay": checks.nonnegative, "nesterov": checks.boolean, "eps": checks.positive,
                    "delta": checks.nonnegative, "wd_ratio": checks.nonnegative}

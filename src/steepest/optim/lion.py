@@ -37,6 +37,7 @@ class Lion(Optimizer):
     lion-pytorch takes z/|z|.
     """
 
+    loads_stepless_state = True  # lion-pytorch counts no steps
     hyperparams = {"lr": checks.nonnegative, "betas": checks.betas(2), "weight_decay": checks.nonnegative}
     weight_decay_mode = "decoupled"
     update = staticmethod(lion_update)

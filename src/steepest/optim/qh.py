@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..core import checks
 from ..core import multitensor as mt
 from ..core.base import Optimizer
@@ -53,6 +55,7 @@ class QHM(Optimizer):
     for these). State: momentum_buffer (1 word). Matches qhoptim.pyt.QHM step for step.
     """
 
+    loads_stepless_state = True  # qhoptim counts no steps
     hyperparams = {"lr": checks.nonnegative, "momentum": checks.unit, "nu": checks.probability,
                    "weight_decay": checks.nonnegative, "weight_decay_type": checks.choice("grad", "direct")}
     weight_decay_mode = "custom"
@@ -100,6 +103,16 @@ def qhadam_update(params, grads, exp_avg, exp_avg_sq, *, lr, w1, w2, nu1, nu2, e
     mt.addcdiv_(params, avg_grad, denom, -lr)
 
 
+def _steps_from_weight(weight: float, beta: float) -> int:
+    """t with (1 - beta^t) / (1 - beta) = weight (qhoptim's running sum of beta^i, i < t); where beta^t is below
+    what the weight resolves, a t whose power is as small (the bias corrections it gives are 1). With beta 0 every
+    weight is 1 and every t gives the same corrections: 1."""
+    if beta <= 0.0 or weight <= 1.0:
+        return 1
+    power = 1.0 - weight * (1.0 - beta)
+    return max(int(round(math.log(max(power, 1e-300)) / math.log(beta))), 1)
+
+
 @register("qhadam", family="first-order", paper=_PAPER, arxiv="1810.06801",
           reference="qhoptim.pyt.QHAdam (facebookresearch/qhoptim)", state_words=2,
           example_kwargs={"lr": 1e-2, "nus": (0.7, 1.0)},
@@ -125,6 +138,7 @@ class QHAdam(Optimizer):
                    "eps": checks.nonnegative, "weight_decay": checks.nonnegative,
                    "decoupled_weight_decay": checks.boolean}
     weight_decay_mode = "custom"
+    package_group_names = {"decouple_weight_decay": "decoupled_weight_decay"}
     update = staticmethod(qhadam_update)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), eps=1e-8, weight_decay=0.0,
@@ -142,6 +156,18 @@ class QHAdam(Optimizer):
 
     def init_state(self, p, group):
         return {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+
+    def from_package_state(self, state, group):
+        """qhoptim counts no steps: it keeps the weights w_b = (1 - b^t) / (1 - b) whose inverses are this
+        step's w1, w2; t is read back from the one of the beta closer to 1 (its powers resolve more steps)."""
+        if "step" in state or "beta1_weight" not in state or "beta2_weight" not in state:
+            return state
+        state = dict(state)
+        pairs = [(float(state.pop("beta1_weight")), group["betas"][0]), (float(state.pop("beta2_weight")),
+                                                                        group["betas"][1])]
+        weight, beta = max(pairs, key=lambda pair: pair[1])
+        state["step"] = _steps_from_weight(weight, beta)
+        return state
 
     def scalars(self, group, step):
         beta1, beta2 = group["betas"]

@@ -83,6 +83,7 @@ class _ScheduleFree(Optimizer):
     """Shared machinery: the averaging weights, train()/eval(), and the train-mode check."""
 
     weight_decay_mode = "custom"
+    loads_stepless_state = True  # the schedulefree package counts steps in its groups (k)
     _GROUP_STATE = {"k": 0, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
 
     def __init__(self, params, defaults, **engine) -> None:
