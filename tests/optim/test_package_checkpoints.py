@@ -20,9 +20,15 @@ lion_pytorch = pytest.importorskip("lion_pytorch")
 adamp = pytest.importorskip("adamp")
 qhoptim = pytest.importorskip("qhoptim.pyt")
 schedulefree = pytest.importorskip("schedulefree")
+prodigyopt = pytest.importorskip("prodigyopt")
+dadaptation = pytest.importorskip("dadaptation")
 
 CASES = {
     # name: (the package's optimizer, the keyword arguments both take)
+    "prodigy": (lambda ps, **kw: prodigyopt.Prodigy(ps, **kw), dict(weight_decay=0.01)),  # s, p0 flattened
+    "prodigy-slice_p=3": (lambda ps, **kw: prodigyopt.Prodigy(ps, **kw), dict(slice_p=3, betas=(0.0, 0.99))),
+    "dadapt_adam": (lambda ps, **kw: dadaptation.DAdaptAdam(ps, **kw), dict(weight_decay=0.01, decouple=True)),
+    "dadapt_sgd": (lambda ps, **kw: dadaptation.DAdaptSGD(ps, **kw), dict(momentum=0.9, weight_decay=0.01)),
     "lion": (lambda ps, **kw: lion_pytorch.Lion(ps, **kw), dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)),
     "adamp": (lambda ps, **kw: adamp.AdamP(ps, **kw), dict(lr=1e-2, weight_decay=0.1)),
     "sgdp": (lambda ps, **kw: adamp.SGDP(ps, **kw), dict(lr=1e-2, momentum=0.9, weight_decay=0.1)),
@@ -38,8 +44,9 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_package_checkpoint_loads_and_continues_the_packages_run(name):
     """Saved after 6 of the package's steps (its state names, no per-param step counts where it keeps none,
-    qhoptim's bias-correction weights in place of a count), loaded here, and 10 more steps of each on the same
-    gradients: equal to rounding (float64)."""
+    qhoptim's bias-correction weights in place of a count, prodigyopt's flattened s and p0, dadaptation's groups
+    without d0 and DAdaptSGD's z), loaded here, and 10 more steps of each on the same gradients: equal to rounding
+    (float64), as the uninterrupted runs are."""
     make, kwargs = CASES[name]
     theirs_params, ours_params = torch_params(PACKAGE_SHAPES), torch_params(PACKAGE_SHAPES)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -52,7 +59,7 @@ def test_package_checkpoint_loads_and_continues_the_packages_run(name):
     with torch.no_grad():
         for p, q in zip(ours_params, theirs_params):
             p.copy_(q)
-    ours = steepest.get(name).cls(ours_params, **kwargs)
+    ours = steepest.get(name.split("-")[0]).cls(ours_params, **kwargs)
     if hasattr(ours, "train"):
         ours.train()
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))

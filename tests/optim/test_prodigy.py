@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 
 import pytest
@@ -189,26 +188,3 @@ def test_slice_p_keeps_s_and_p0_over_every_kth_entry_and_round_trips():
     z.grad = torch.randn_like(z)
     opt.step()
     assert opt.state[z]["s"].shape == (8,) and opt.state[z]["s"].is_complex()
-
-
-@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.01), dict(slice_p=3, betas=(0.0, 0.99))],
-                         ids=["decay", "slice_p=3"])
-def test_package_checkpoint_loads_and_continues_as_the_package(kwargs):
-    """A state_dict of prodigyopt (s and p0 flattened, no maximize in its groups) loads, and the run continues as
-    the package's own does (to rounding, as the uninterrupted runs match it)."""
-    theirs_params, ours_params = torch_params(PACKAGE_SHAPES), torch_params(PACKAGE_SHAPES)
-    theirs = package(theirs_params, **kwargs)
-    for t in range(6):
-        set_smooth_grads(theirs_params, t)
-        theirs.step()
-    with torch.no_grad():
-        for p, q in zip(ours_params, theirs_params):
-            p.copy_(q)
-    ours = Prodigy(ours_params, **kwargs)
-    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
-    for t in range(6, 16):
-        for params, opt in ((theirs_params, theirs), (ours_params, ours)):
-            set_smooth_grads(params, t)
-            opt.step()
-        for x, y in zip(ours_params, theirs_params):
-            torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-10, atol=1e-12)
