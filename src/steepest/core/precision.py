@@ -19,7 +19,7 @@ from torch import Tensor
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "privateuseone")
 AutocastRegion = tuple[str, torch.dtype, bool]
-F = TypeVar("F", bound=Callable[..., Any])
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 def autocast_regions() -> list[AutocastRegion]:
@@ -49,7 +49,7 @@ def autocast_on(regions: list[AutocastRegion]) -> Iterator[None]:
         yield
 
 
-def outside_autocast(fn: F) -> F:
+def outside_autocast(fn: _Fn) -> _Fn:
     """``fn`` run outside any autocast region its caller is in: a statistic a hook takes during the caller's
     forward or backward keeps the precision ``fn`` computes it in (autocast would run its matrix products in
     16 bits)."""
