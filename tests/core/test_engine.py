@@ -1196,3 +1196,17 @@ def test_row_dots_in_blocks_equal_the_dense_products():
     one = mt.row_dots(a.reshape(1, -1), b.reshape(1, -1))
     assert one.shape == (1,)
     torch.testing.assert_close(one, want.sum().reshape(1), rtol=1e-12, atol=1e-9)
+
+
+def test_stochastic_rounding_asked_for_float16_params_warns_that_it_rounds_to_nearest():
+    """Stochastic rounding writes bfloat16 storage only: asked for with float16 params it says so (and that
+    float32 or bfloat16 params are the way), instead of rounding to nearest silently; not asked for, no warning."""
+    import warnings
+
+    half = [torch.nn.Parameter(torch.ones(3, dtype=torch.float16))]
+    with pytest.warns(UserWarning, match="float16 params are written rounded to nearest"):
+        steepest.AdamW(half, stochastic_rounding=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steepest.AdamW(half)
+        steepest.AdamW([torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))], stochastic_rounding=True)

@@ -739,12 +739,12 @@ class Optimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._reset_caches()
         super().__init__(params, defaults)
-        if self.stochastic_rounding_default and any(p.dtype == torch.float16 for g in self.param_groups
-                                                    for p in g["params"]):
-            warnings.warn(f"{name}: float16 params are written rounded to nearest (there is no stochastic rounding "
-                          f"to float16): this method's first steps (~1e-6) fall below half a float16 spacing, and its "
-                          f"step size, estimated from how far the params moved, can stall; keep float32 params "
-                          f"(autocast the forward) or use bfloat16 ones", UserWarning, stacklevel=2)
+        if stochastic_rounding and any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"]):
+            why = (" this method's first steps (~1e-6) fall below half a float16 spacing, and its step size, estimated "
+                   "from how far the params moved, can stall;" if self.stochastic_rounding_default else "")
+            warnings.warn(f"{name}: float16 params are written rounded to nearest (stochastic rounding is to "
+                          f"bfloat16 only):{why} keep float32 params (autocast the forward) or use bfloat16 ones",
+                          UserWarning, stacklevel=2)
 
     # Caches rebuilt on demand, never copied or pickled (compiled kernels, tensor aliases, generators).
     _transient: ClassVar[tuple[str, ...]] = ("_kernels", "_scratch_cache", "_plans",
