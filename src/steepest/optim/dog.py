@@ -201,7 +201,7 @@ class LDoG(Optimizer):
     fused kernel per tensor), with no host synchronisation. State: x0 (1 word), and ``rbar``, ``G`` and ``eta``
     of the tensor as one-element tensors in the param's working dtype (float32 for 16-bit params; never the
     16-bit ``state_dtype``: G is a growing sum). bfloat16 params round stochastically by default, as
-    :class:`DoG`'s (there: why).
+    :class:`DoG`'s do (its docstring says why).
     """
 
     hyperparams = _HYPER
