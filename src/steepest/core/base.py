@@ -1091,7 +1091,7 @@ class Optimizer(torch.optim.Optimizer):
             wd_mode = mode
             wd = 1.0 - self.lr(group) * weight_decay if wd_mode == "decoupled" else float(weight_decay)
         options = dict(static=self.static_options(group), maximize=bool(group["maximize"]), wd_mode=wd_mode,
-                       stochastic=self.stochastic_rounding)
+                       stochastic=self.rounds_stochastically(params, states))
 
         todo = list(range(len(params)))
         if self._wants_compile(params):
@@ -1133,6 +1133,14 @@ class Optimizer(torch.optim.Optimizer):
         return [[idx[j] for j in run] for run in chunk_runs([params[i].numel() for i in idx])]
 
     # --------------------------------------------------------------------------------- fused path
+    def rounds_stochastically(self, params: list[Tensor], states: dict[str, list[Tensor]]) -> bool:
+        """Whether a bucket's write-back rounds stochastically: ``stochastic_rounding`` on and a bfloat16 param or
+        state to write (a bucket holds one param dtype, and each state one dtype). Other dtypes are written as they
+        are, so their kernels are the plain ones: a kernel keyed as stochastic keeps its wrappers (~10 us a call)
+        and flat views of the gradients (Prodigy, DoG and LDoG, on by default, paid both with float32 params)."""
+        return self.stochastic_rounding and any(
+            t[0].dtype == torch.bfloat16 for t in (params, *states.values()) if len(t))
+
     def _wants_compile(self, params: list[Tensor]) -> bool:
         # Traced by a caller's torch.compile (the step itself is kept out of it; this guards code that calls the
         # update functions from a traced function), the update stays plain ops of their graph.

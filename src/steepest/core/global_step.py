@@ -271,7 +271,7 @@ class GlobalStepOptimizer(Optimizer):
         next step's first pass also starts on tensors the reversed pass left in the cache).
         """
         options = dict(static=static, maximize=bool(part.group["maximize"]), wd_mode=None,
-                       stochastic=self.stochastic_rounding)
+                       stochastic=self.rounds_stochastically(part.p, part.s))
         outputs: dict[str, dict[int, Tensor]] = defaultdict(dict)
         todo = list(range(len(part.p)))
         if fuse and self._wants_compile(part.p):
