@@ -108,8 +108,8 @@ class GlobalStepOptimizer(Optimizer):
 
     per_tensor = False
     elementwise = False
-    # Methods that write their step with run_pass set True: each pass then compiles (one tensor per kernel call,
-    # its reductions returned); the others run the eager path whatever compile says.
+    # Methods that write their step with run_pass set True: each pass then compiles (a few tensors per kernel call,
+    # their reductions returned); the others run the eager path whatever compile says.
     fusable = False
     weight_decay_mode = "custom"
     shared_options: tuple[str, ...] = ()
@@ -251,7 +251,7 @@ class GlobalStepOptimizer(Optimizer):
         return out
 
     def run_pass(self, part: Part, fn: Callable[..., dict[str, list[Tensor]] | None], scalars: dict[str, float],
-                 *, elementwise: bool = False, fuse: bool = True, reverse: bool = False,
+                 *, fuse: bool = True, reverse: bool = False,
                  **static: Any) -> dict[str, list[Tensor]]:
         """One pass ``fn(p, g, **states, **scalars, **static)`` over a part's tensors, with ``maximize``, float32
         working copies and write-back as every update has them; returns fn's per-tensor reductions (a dict of
@@ -261,9 +261,10 @@ class GlobalStepOptimizer(Optimizer):
         over each tensor's elements: it runs eager over runs of about 2**18 elements, a large tensor cut into flat
         pieces whose sums are added (few-MB temporaries, reused from cache; see
         :func:`~steepest.core.base.flat_pieces`), or, as ``compile`` says, compiled with scalars passed as tensors
-        (changing them never recompiles): one tensor per kernel call for a pass that reduces (a kernel runs all its
-        reductions before its update loops, which read the tensors again: one tensor per call keeps that second
-        read small enough for the cache to help), a few per call for an ``elementwise`` one. ``fuse=False`` runs it
+        (changing them never recompiles), a few tensors per kernel call: no loop of a pass waits on the pass's own
+        reductions (the step size they give is the next pass's), so a call's loops need not run tensor by tensor
+        (against one tensor per call: 300 tensors of 2000 floats, DoG 0.86 of the step time, D-Adaptation Adam 0.86,
+        Prodigy 0.92; 16.8M floats in 14, 24 or 40 tensors, 0.98-1.01). ``fuse=False`` runs it
         eager whatever ``compile`` says (a pass that runs once, at a first step, is not worth a compile there).
         ``reverse`` takes the tensors from last to first: a pass after one that read the whole model then starts on
         the tensors still in the last-level cache (DoG, ALR-SMAG, Prodigy, compiled and eager: 0.95-0.98 of the
@@ -275,7 +276,7 @@ class GlobalStepOptimizer(Optimizer):
         outputs: dict[str, dict[int, Tensor]] = defaultdict(dict)
         todo = list(range(len(part.p)))
         if fuse and self._wants_compile(part.p):
-            plan = self._fused_plan(part.group, part.p, part.g, part.s, elementwise)
+            plan = self._fused_plan(part.group, part.p, part.g, part.s, elementwise=True)
             if plan.order:
                 done = set(self._run_fused(part.p, part.g, part.s, scalars, 0.0, plan, part.p[0].device, options,
                                            update=fn, outputs=outputs, reverse=reverse))

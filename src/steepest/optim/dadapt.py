@@ -180,7 +180,7 @@ class DAdaptAdam(GlobalStepOptimizer):
             decay = part.group["weight_decay"]
             self.run_pass(part, type(self).descend,
                           dict(decay_coef=-decay * dlr, step_coef=-1.0, eps=part.group["eps"]),
-                          elementwise=True, fuse=not (is_live and mergeable), decoupled=decay != 0 and decouple)
+                          fuse=not (is_live and mergeable), decoupled=decay != 0 and decouple)
         self.count_step(parts)
 
 
@@ -322,6 +322,5 @@ class DAdaptSGD(GlobalStepOptimizer):
         for part in parts:
             if merged and any(part is x for x in live):
                 continue
-            self.run_pass(part, type(self).average, dict(keep=1 - ck, ck=ck), elementwise=True,
-                          fuse=not any(part is x for x in live))
+            self.run_pass(part, type(self).average, dict(keep=1 - ck, ck=ck), fuse=not any(part is x for x in live))
         self.count_step(parts)

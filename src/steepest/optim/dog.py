@@ -115,7 +115,7 @@ class DoG(GlobalStepOptimizer):
 
     def _descend(self, group, part, eta):
         decay = group["weight_decay"]
-        self.run_pass(part, type(self).descend, dict(decay=decay, eta=eta), elementwise=True, l2=decay != 0,
+        self.run_pass(part, type(self).descend, dict(decay=decay, eta=eta), l2=decay != 0,
                       reverse=True)
 
     def _group_step(self, group, parts):

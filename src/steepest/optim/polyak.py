@@ -132,6 +132,6 @@ class ALRSMAG(GlobalStepOptimizer):
         self.last_step_sizes = list(etas.values())
         for part in reversed(parts):  # from the tensors the first pass read last, still in the cache
             eta, decay = etas[id(part.group)], part.group["weight_decay"]
-            self.run_pass(part, type(self).descend, dict(eta=eta, decay_factor=1.0 - eta * decay), elementwise=True,
+            self.run_pass(part, type(self).descend, dict(eta=eta, decay_factor=1.0 - eta * decay),
                           decayed=decay != 0, reverse=True)
         return loss

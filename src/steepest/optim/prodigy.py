@@ -202,6 +202,6 @@ class Prodigy(GlobalStepOptimizer):
             self.run_pass(part, type(self).descend,
                           dict(d_eps=d * part.group["eps"], decay=decay, decay_coef=-decay * dlr,
                                step_coef=-dlr if beta1 > 0 else -dlr * d),
-                          elementwise=True, l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple,
+                          l2=decay != 0 and not decouple, decoupled=decay != 0 and decouple,
                           reverse=True, fuse=part.group["slice_p"] == 1)
         self.count_step(parts)
