@@ -289,6 +289,36 @@ def test_eager_and_compiled_agree_without_recompiles(info):
     close(fused2, eager, rtol=1e-9, atol=1e-12)
 
 
+def test_channels_last_params_step_as_contiguous_ones(info):
+    """Conv weights in channels_last (``model.to(memory_format=torch.channels_last)``, the layout CNN training
+    uses) hold their elements in another order, gap-free: the fused path steps them over their memory as it lies
+    (their gradients and states share that order), so every tensor is planned and done by a kernel, and the run
+    equals the contiguous one. Before, they went eager: on a ResNet-18 layout the step took 2.7-4.5x the
+    contiguous fused step (AdamW 2.71, AdamP 3.14, Prodigy 3.70, LDoG 4.48); now 1.03-1.08."""
+    applies(info, "compile")
+    shapes = [(4, 3, 3, 3), (6, 4, 2, 2), (5,), (3, 5)]
+
+    def run_layout(layout, compile):
+        params = [torch.nn.Parameter(p.detach().contiguous(memory_format=layout) if p.dim() == 4 else p.detach())
+                  for p in make_params(shapes=shapes)]
+        opt = make_opt(info, params, compile=compile)
+        for _ in range(3):
+            opt.step(closure_for(opt, params))
+        return [p.detach().clone() for p in params], opt
+
+    contiguous, _ = run_layout(torch.contiguous_format, True)
+    with recording_fused_calls() as calls:
+        strided, opt = run_layout(torch.channels_last, True)
+    assert not strided[0].is_contiguous() and strided[0].is_contiguous(memory_format=torch.channels_last)
+    if opt._kernels:
+        recorded = calls.assert_all_fused(opt=opt)
+        # every conv weight was planned for a kernel, not left to the eager path
+        assert all(c.given == len(c.planned) for c in recorded), [(c.given, c.planned) for c in recorded]
+    close(strided, contiguous, rtol=1e-9, atol=1e-12)
+    eager, _ = run_layout(torch.channels_last, False)
+    close(eager, contiguous, rtol=1e-9, atol=1e-12)
+
+
 def test_step_inside_a_callers_torch_compile_is_left_to_the_optimizer(info):
     """torch.compile around step() (the pattern torch.optim's docs show) reaches the step as a graph break: the
     optimizer runs its own eager or fused kernels, so no graph is traced through the update, nothing recompiles

@@ -247,13 +247,13 @@ def test_global_step_passes_compile_in_the_background_then_run_fused(name, kerne
 
 @pytest.mark.parametrize("name", ["dadapt_adam", "prodigy", "dog"])
 def test_global_step_passes_mix_fused_and_eager_tensors(name):
-    """One-element and non-contiguous params take the eager pass beside the fused ones; the reductions of both
-    add up to the eager step's."""
+    """One-element params and params with gaps in their memory (a strided slice) take the eager pass beside the
+    fused ones; the reductions of both add up to the eager step's."""
     def make():
         torch.manual_seed(0)
         return [torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64)),
                 torch.nn.Parameter(torch.randn(1, dtype=torch.float64)),
-                torch.nn.Parameter(torch.randn(30, 20, dtype=torch.float64).t()),
+                torch.nn.Parameter(torch.randn(20, 60, dtype=torch.float64)[:, ::2]),
                 torch.nn.Parameter(torch.randn(77, dtype=torch.float64))]
     ref, params = make(), make()
     assert not params[2].is_contiguous()
@@ -1021,6 +1021,47 @@ def test_stochastic_rounding_by_default_keys_only_bfloat16_kernels_as_stochastic
     assert not cls(bf16, stochastic_rounding=False).rounds_stochastically(bf16, {})
     states_bf16 = {"x": [torch.zeros(3, dtype=torch.bfloat16)]}
     assert cls(make(torch.float32), state_dtype=torch.bfloat16).rounds_stochastically(params, states_bf16)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamp", "ldog"])
+def test_strided_params_whose_order_the_kernel_cannot_take_step_eager(name):
+    """A dense param in another memory order is fused only where its kernel sees the same entries: a transposed
+    matrix (its rows strided through memory) is no row-major matrix view for AdamP's per-row sums (eager), while
+    elementwise and whole-tensor updates step it flat; a gradient in another order than its param's (assigned by
+    hand) sends that param to the eager path for the step. Every case equals the contiguous run."""
+    def make(transposed):
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(30, 40, generator=g)
+        weight = base.t().contiguous().t() if transposed else base.clone()  # same values, column-major if transposed
+        conv = torch.randn(8, 3, 3, 3, generator=g)
+        params = [torch.nn.Parameter(weight), torch.nn.Parameter(conv.contiguous(memory_format=torch.channels_last)
+                                                                 if transposed else conv)]
+        return params
+
+    def run(transposed, contiguous_grads=False):
+        params = make(transposed)
+        opt = registry.get(name).cls(params, compile=True)
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 + step)
+            for p in params:
+                grad = torch.randn(p.shape, generator=g)
+                if transposed and not contiguous_grads:  # the param's own order, as autograd gives it
+                    grad = grad.t().contiguous().t() if p.dim() == 2 else grad.contiguous(
+                        memory_format=torch.channels_last)
+                p.grad = grad
+            with recording_fused_calls() as calls:
+                opt.step()
+        return [p.detach().clone() for p in params], [c.planned for c in calls]
+
+    reference, planned = run(False)
+    assert planned == [[0, 1]]
+    strided, planned = run(True)
+    assert planned == ([[1]] if registry.get(name).cls.matrix_view else [[0, 1]])
+    mixed, planned = run(True, contiguous_grads=True)
+    assert planned in ([], [[]])
+    for a, b, c in zip(reference, strided, mixed):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
 
 
 def test_compiling_a_kernel_leaves_the_random_number_stream_alone():

@@ -185,6 +185,25 @@ def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
                                                                  strides)
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements fill a gap-free, non-overlapping span of its storage in some order of its dims
+    (contiguous, channels_last, a transpose): the span a flat alias covers, numel elements from its offset."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _in_order_of(t: Tensor, p: Tensor) -> bool:
+    """Whether t holds its elements in p's memory order (both contiguous, or the same strides), so that element i
+    of their flat aliases is the same entry of both."""
+    return t.is_contiguous() if p.is_contiguous() else t.stride() == p.stride()
+
+
 def flat_pieces(params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]]) -> list[tuple] | None:
     """One large tensor of an eager run (with its gradient and param-shaped states) as flat slices of
     _EAGER_CHUNK_NUMEL elements, each a (params, grads, states) of one call; None where the run stays whole: more
@@ -224,7 +243,8 @@ class _FlatChunk(NamedTuple):
     (shape[0], rest)), the indices it updates, the shape its gradients are viewed as, its fixed arguments
     (aliases of the params and states, padded to the kernel's slot count with scratch tensors), and the tensors
     whose memory each argument is (None for pads and for the gradients, which the step supplies), with a cache
-    of the tensors a kernel's writes land in (:func:`_written_tensors`)."""
+    of the tensors a kernel's writes land in (:func:`_written_tensors`); ``strided_grads``: some param (and so its
+    gradient) is dense but not contiguous (channels_last), and the gradients go in as flat aliases."""
 
     layout: str
     grad_shape: tuple[int, ...]
@@ -235,15 +255,19 @@ class _FlatChunk(NamedTuple):
     state_args: list[Tensor]
     homes: list[Tensor | None]
     written_cache: dict[tuple[int, ...] | None, tuple[list[Tensor], tuple[int, ...]]]
+    strided_grads: bool = False
 
 
 class _FusedPlan(NamedTuple):
     """A bucket's compiled-path layout: the addresses it was made for, the fused indices and the kernel calls
-    over them."""
+    over them, and which of those params are contiguous and which dense in another order (channels_last): their
+    gradients must keep that order for the plan to serve."""
 
     sig: tuple[int, ...]
     order: list[int]
     chunks: list[_FlatChunk]
+    contiguous: list[int]
+    strided: list[int]
 
 
 # Tracing keeps process-wide state (torch.fx's patcher, inductor's caches): two kernels compiled at once, say
@@ -1166,11 +1190,13 @@ class Optimizer(torch.optim.Optimizer):
         sig = tuple(p.data_ptr() for p in params) + tuple(t.data_ptr() for v in states.values() for t in v)
         key = (id(group), params[0].device, params[0].dtype, grads[0].dtype, len(params), elementwise, tuple(states))
         plan = self._plans.get(key)
-        if plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.order):
+        if (plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.contiguous)
+                and all(grads[i].stride() == params[i].stride() for i in plan.strided)):
             return plan
         order = [i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)]
         chunks = self._flat_chunks(params, grads, states, order, elementwise) if order else []
-        plan = _FusedPlan(sig, order, chunks)
+        strided = [i for i in order if not params[i].is_contiguous()]
+        plan = _FusedPlan(sig, order, chunks, [i for i in order if params[i].is_contiguous()], strided)
         self._plans[key] = plan
         return plan
 
@@ -1196,13 +1222,15 @@ class Optimizer(torch.optim.Optimizer):
                 chunks.append(_FlatChunk("flat", (-1,), idx,
                                          [_flat_alias(params[i]) for i in idx] + scratch["param"][:pad],
                                          scratch["grad"][:pad], chunk_states,
-                                         [t for v in chunk_states.values() for t in v], homes, {}))
+                                         [t for v in chunk_states.values() for t in v], homes, {},
+                                         not all(params[i].is_contiguous() for i in idx)))
         for i in matrices:
             shape = (params[i].shape[0], params[i].numel() // params[i].shape[0])
             chunk_states = {k: [_flat_alias(v[i], shape)] for k, v in states.items()}
             chunks.append(_FlatChunk("matrix", shape, [i], [_flat_alias(params[i], shape)], [], chunk_states,
                                      [t for v in chunk_states.values() for t in v],
-                                     [params[i], None, *(v[i] for v in states.values())], {}))
+                                     [params[i], None, *(v[i] for v in states.values())], {},
+                                     not params[i].is_contiguous()))
         return chunks
 
     @classmethod
@@ -1215,10 +1243,17 @@ class Optimizer(torch.optim.Optimizer):
         if not (mt.plain(p) and mt.plain(g)):
             return False
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
-        if p.numel() < 2 or not p.is_contiguous() or not g.is_contiguous():
+        if p.numel() < 2 or not _dense(p) or not _in_order_of(g, p):
             return False
-        # torch.compile (2.13) drops in-place writes to 0-dim tensor inputs: such states stay eager.
-        return all(v[i].is_contiguous() and v[i].dim() > 0 for v in states.values())
+        # A dense param in another order (channels_last) is stepped over its memory as it lies, which an update
+        # over elements and whole-tensor sums does not see; a matrix view's rows must be whole spans of it.
+        if (self.matrix_view and p.dim() > 1 and not p.is_contiguous()
+                and p.stride(0) * p.shape[0] != p.numel()):
+            return False
+        # torch.compile (2.13) drops in-place writes to 0-dim tensor inputs: such states stay eager. States of
+        # another size than p (one number per tensor) are contiguous.
+        return all(v[i].dim() > 0 and (_in_order_of(v[i], p) if v[i].numel() == p.numel() else v[i].is_contiguous())
+                   for v in states.values())
 
     @staticmethod
     def _kernel_key(p: Tensor, g: Tensor, states: dict[str, list[Tensor]], options: dict[str, Any],
@@ -1355,8 +1390,13 @@ class Optimizer(torch.optim.Optimizer):
             if direct and fast is not None:
                 run = fast
             try:
-                chunk_grads = ([grads[i] for i in chunk.idx] if shaped
-                               else [grads[i].view(chunk.grad_shape) for i in chunk.idx])
+                if chunk.strided_grads:
+                    chunk_grads = [_flat_alias(grads[i], (grads[i].numel(),) if chunk.grad_shape == (-1,)
+                                               else chunk.grad_shape) for i in chunk.idx]
+                elif shaped:
+                    chunk_grads = [grads[i] for i in chunk.idx]
+                else:
+                    chunk_grads = [grads[i].view(chunk.grad_shape) for i in chunk.idx]
                 result = run(*chunk.params, *chunk_grads, *chunk.grad_pads, *chunk.state_args, *tail)
                 changed += _written_tensors(chunk, grads, written)
             except Exception as err:  # noqa: BLE001 - a kernel that cannot run falls back to eager
