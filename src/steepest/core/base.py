@@ -185,19 +185,6 @@ def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
                                                                  strides)
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether t's elements fill a gap-free, non-overlapping span of its storage in some order of its dims
-    (contiguous, channels_last, a transpose): the span a flat alias covers, numel elements from its offset."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _in_order_of(t: Tensor, p: Tensor) -> bool:
     """Whether t holds its elements in p's memory order (both contiguous, or the same strides), so that element i
     of their flat aliases is the same entry of both."""
@@ -1243,7 +1230,7 @@ class Optimizer(torch.optim.Optimizer):
         if not (mt.plain(p) and mt.plain(g)):
             return False
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
-        if p.numel() < 2 or not _dense(p) or not _in_order_of(g, p):
+        if p.numel() < 2 or not mt.dense(p) or not _in_order_of(g, p):
             return False
         # A dense param in another order (channels_last) is stepped over its memory as it lies, which an update
         # over elements and whole-tensor sums does not see; a matrix view's rows must be whole spans of it.

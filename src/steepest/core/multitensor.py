@@ -367,6 +367,31 @@ def dot_friendly(xs: TensorList) -> bool:
     return all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and plain(x) for x in xs)
 
 
+def dense(t: Tensor) -> bool:
+    """Whether t's elements fill a gap-free, non-overlapping span of its storage in some order of its dims
+    (contiguous, channels_last, a transpose): numel elements from its offset."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat(x: Tensor, other: Tensor | None = None) -> Tensor:
+    """x as a 1-D tensor whose entry i matches entry i of ``flat(other, x)``: a view of its memory as it lies when
+    both are contiguous or dense with equal strides (channels_last params, their gradients and states: reshape
+    would copy them, a pass and a temporary per use), else reshape's copy in index order."""
+    other = x if other is None else other
+    if x.is_contiguous() and other.is_contiguous():
+        return x.view(-1)
+    if x.stride() == other.stride() and dense(x):
+        return x.as_strided((x.numel(),), (1,), x.storage_offset())
+    return x.reshape(-1)
+
+
 def _sharded(xs: TensorList) -> bool:
     """Whether some tensor is a subclass with its own ops (a DTensor): its reductions are whole-tensor sums of its
     own (partial over the processes), and it cannot always be flattened (an uneven shard)."""
@@ -390,7 +415,7 @@ def squared_norms(xs: TensorList) -> list[Tensor]:
     if compiling():
         return [wide_sum(x * x) for x in xs]
     if dot_friendly(xs):
-        return [torch.dot(f, f) for f in (x.reshape(-1) for x in xs)]
+        return [torch.dot(f, f) for f in (flat(x) for x in xs)]
     if _sharded(xs):
         return [(x * x).sum() for x in xs]
     return [n * n for n in torch._foreach_norm(xs)]
@@ -414,7 +439,7 @@ def dots(xs: TensorList, ys: TensorList) -> list[Tensor]:
         return [wide_sum(x * y) for x, y in zip(xs, ys)]
     if _sharded(xs) or _sharded(ys):
         return [(x * y).sum() for x, y in zip(xs, ys)]
-    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]
+    return [torch.dot(flat(x, y), flat(y, x)) for x, y in zip(xs, ys)]
 
 
 def l1_norms(xs: TensorList, scratch: TensorList | None = None) -> list[Tensor]:
