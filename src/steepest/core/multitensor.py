@@ -313,20 +313,22 @@ def flat_pieces(*lists: TensorList, size: int = 1 << 18, min_numel: int = 1 << 2
     """Eager: the lists (aligned tensor by tensor) as calls of an elementwise function, each tensor of at least
     ``min_numel`` elements cut into flat slices of ``size`` (the same slices of every list), the others together in
     one call. A model-sized temporary of an elementwise tail is then a few MB, reused from the allocator's cache
-    instead of page-faulted in at each step. Tensors that cannot be viewed flat (not contiguous, another size, a
-    tensor subclass) stay whole. Compiling: the lists as one call."""
+    instead of page-faulted in at each step. Dense tensors in one memory order (channels_last ones) are cut along
+    their memory as it lies; tensors that cannot be viewed flat together (gaps, orders that differ, another size,
+    a tensor subclass) stay whole. Compiling: the lists as one call."""
     if compiling() or not lists:
         return [tuple(list(xs) for xs in lists)]
     whole, cut = [], []
     for i in range(len(lists[0])):
         ts = [xs[i] for xs in lists]
         n = ts[0].numel()
-        big = n >= min_numel and all(plain(t) and t.is_contiguous() and t.numel() == n for t in ts)
+        big = n >= min_numel and all(plain(t) and t.numel() == n for t in ts) and (
+            all(t.is_contiguous() for t in ts) or (dense(ts[0]) and all(t.stride() == ts[0].stride() for t in ts)))
         (cut if big else whole).append(i)
     calls = [tuple([xs[i] for i in whole] for xs in lists)] if whole else []
     for i in cut:
-        flat = [xs[i].view(-1) for xs in lists]
-        calls.extend(tuple([t[start:start + size]] for t in flat) for start in range(0, flat[0].numel(), size))
+        views = [flat(xs[i], lists[0][i]) for xs in lists]  # views of their memory, all in one order
+        calls.extend(tuple([t[start:start + size]] for t in views) for start in range(0, views[0].numel(), size))
     return calls
 
 
