@@ -1069,7 +1069,8 @@ def test_eager_sums_of_channels_last_tensors_read_them_in_place():
     states) take views of their memory, not reshape's copies (a pass and a temporary each: LDoG's eager step on
     a channels_last ResNet-18 layout took 1.9x the contiguous one, now 1.0); pairs in different orders, or with
     gaps, still pair entries by index. Values against float64 sums over index order. mt.flat_pieces cuts them
-    along their memory too (Prodigy's eager step there: 1.17x the contiguous one, now 0.95)."""
+    along their memory too (Prodigy's eager step there: 1.17x the contiguous one, now 0.95), and mt.rows takes the
+    rows of AdamP's per-channel sums in place (AdamP 2.16x, now 0.97)."""
     from steepest.core import multitensor as mt
 
     g = torch.Generator().manual_seed(0)
@@ -1086,6 +1087,13 @@ def test_eager_sums_of_channels_last_tensors_read_them_in_place():
         view = mt.flat(a, b)
         assert view.data_ptr() == a.data_ptr() and view.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
     assert mt.flat(x, z).data_ptr() != x.data_ptr()  # a copy in index order, to pair with z's
+    # Rows (AdamP's per-output-channel sums): row i holds x[i]'s entries, in place where dim 0 is outermost.
+    row_view = mt.rows(x, 6, y)
+    assert row_view.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(mt.row_dots(row_view, mt.rows(y, 6, x)), (x * y).flatten(1).sum(1))
+    torch.testing.assert_close(row_view.sum(1), x.flatten(1).sum(1))
+    turned = x.transpose(0, 1)  # dense, but its dim 0 is not outermost: rows in index order, copied
+    torch.testing.assert_close(mt.rows(turned, 5, turned).sum(1), turned.flatten(1).sum(1))
     # Eager pieces of a large update: channels_last tensors in one order are cut along their memory, and writes
     # through the pieces land in them; orders that differ stay whole.
     before = x.clone()

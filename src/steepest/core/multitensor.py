@@ -382,16 +382,23 @@ def dense(t: Tensor) -> bool:
     return True
 
 
-def flat(x: Tensor, other: Tensor | None = None) -> Tensor:
-    """x as a 1-D tensor whose entry i matches entry i of ``flat(other, x)``: a view of its memory as it lies when
-    both are contiguous or dense with equal strides (channels_last params, their gradients and states: reshape
-    would copy them, a pass and a temporary per use), else reshape's copy in index order."""
+def rows(x: Tensor, n: int, other: Tensor | None = None) -> Tensor:
+    """x as an (n, numel / n) matrix for n = 1 or x.shape[0] (row i: the entries x[i]), whose entry (i, j) is entry
+    (i, j) of ``rows(other, n, x)``: a view of its memory as it lies when both are contiguous, or dense with equal
+    strides and dim 0 outermost (channels_last params, their gradients and states: reshape would copy them, a pass
+    and a temporary per use), else reshape's copy in index order."""
     other = x if other is None else other
     if x.is_contiguous() and other.is_contiguous():
-        return x.view(-1)
-    if x.stride() == other.stride() and dense(x):
-        return x.as_strided((x.numel(),), (1,), x.storage_offset())
-    return x.reshape(-1)
+        return x.view(n, -1)
+    if x.stride() == other.stride() and dense(x) and (n == 1 or x.stride(0) * x.shape[0] == x.numel()):
+        cols = x.numel() // n
+        return x.as_strided((n, cols), (cols, 1), x.storage_offset())
+    return x.reshape(n, -1)
+
+
+def flat(x: Tensor, other: Tensor | None = None) -> Tensor:
+    """x as a 1-D tensor whose entry i matches entry i of ``flat(other, x)``: :func:`rows` with one row."""
+    return rows(x, 1, other).view(-1)
 
 
 def _sharded(xs: TensorList) -> bool:

@@ -33,7 +33,7 @@ def _cosines(xs, ys):
         # Each tensor's three products back to back: its second and third reads of x and y come from the cache,
         # not from memory (list by list, every tensor is read three times from memory).
         sums = torch.stack([torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
-                            for x, y in ((a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys))])
+                            for x, y in ((mt.flat(a, b), mt.flat(b, a)) for a, b in zip(xs, ys))])
         dots, prod = sums[:, 0], sums[:, 1].sqrt() * sums[:, 2].sqrt()
     nonzero = prod > 0
     return torch.where(nonzero, dots / torch.where(nonzero, prod, torch.ones_like(prod)), torch.zeros_like(prod))
@@ -47,7 +47,7 @@ def _damped_momentum_(momentum_buffer, grads, s, *, momentum, decay, eps):
         # ops per tensor, each run cache-cold after the tensor's streams, cost ~70 us a tensor (a 40-tensor,
         # 16.8M-parameter step: 0.75x the time of the stacked form; on 40 tiny tensors the two are alike).
         for m, g, s_i in zip(momentum_buffer, grads, s):
-            mf, gf = m.reshape(-1), g.reshape(-1)
+            mf, gf = mt.flat(m, g), mt.flat(g, m)
             dot, mm, gg = (float(torch.dot(a, b)) for a, b in ((mf, gf), (mf, mf), (gf, gf)))
             if not math.isfinite(dot + mm + gg) and mf.dtype == torch.float32:
                 # A square beyond float32's range (a gradient above ~1e19): the cosine in float64, not inf / inf.
