@@ -22,6 +22,7 @@ from other buffers says little about these. The best bandwidth of in-place kerne
 
     python benchmarks/step_speed.py                      # 16M params in 40 tensors, every method
     python benchmarks/step_speed.py --numel 4000000 --only adamw,lion --rounds 15
+    python benchmarks/step_speed.py --channels-last       # conv weights in channels_last
 """
 
 from __future__ import annotations
@@ -69,17 +70,24 @@ def measure_bandwidth(numel: int, repeats: int = 8) -> tuple[float, dict[str, fl
     return max(rates.values()), rates
 
 
-def make_params(numel: int, tensors: int, seed: int = 0, matrix: bool = True):
+def make_params(numel: int, tensors: int, seed: int = 0, matrix: bool = True, channels_last: bool = False):
     """`tensors` params of numel/tensors elements each: weight matrices (rows x the largest column count up to
-    1024 that divides the size), as most of a model's elements are, or flat vectors. Elementwise updates do not
-    care; per-channel ones (AdamP, SGDP) project matrices, not vectors."""
+    1024 that divides the size), as most of a model's elements are, or flat vectors; or 3x3 conv weights of 64 input
+    channels in channels_last (gradients in the same order, as autograd gives them), numel rounded down to whole
+    output channels. Elementwise updates do not care; per-channel ones (AdamP, SGDP) project matrices, not
+    vectors."""
     g = torch.Generator().manual_seed(seed)
     per = numel // tensors
-    cols = max(c for c in range(1, min(per, 1024) + 1) if per % c == 0) if matrix else per
+    if channels_last:
+        shape = (max(per // (64 * 9), 1), 64, 3, 3)
+    else:
+        cols = max(c for c in range(1, min(per, 1024) + 1) if per % c == 0) if matrix else per
+        shape = (per // cols, cols) if per // cols > 1 else (cols,)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     params = []
     for _ in range(tensors):
-        p = torch.nn.Parameter(torch.randn(per // cols, cols, generator=g).squeeze(0) * 0.02)
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).contiguous(memory_format=layout))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).contiguous(memory_format=layout)
         params.append(p)
     return params
 
@@ -227,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated method names")
     ap.add_argument("--no-fused", action="store_true", help="skip the compiled path")
     ap.add_argument("--flat", action="store_true", help="1-D params instead of weight matrices")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="3x3 conv weights in channels_last (model.to(memory_format=torch.channels_last))")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     # glibc serves blocks above its mmap threshold with fresh pages, so a step's temporaries page-fault in on
@@ -235,9 +245,11 @@ def main(argv=None):
     # for-loop step measured 2.4x slower in the first row than in the others).
     torch.empty(2 * args.numel // args.tensors).fill_(0.0)
     bw, rates = measure_bandwidth(args.numel)
-    params = make_params(args.numel, args.tensors, matrix=not args.flat)
+    params = make_params(args.numel, args.tensors, matrix=not args.flat, channels_last=args.channels_last)
+    args.numel = sum(p.numel() for p in params)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel / 1e6:.1f}M float32 params "
-          f"in {args.tensors} tensors of shape {tuple(params[0].shape)}")
+          f"in {args.tensors} tensors of shape {tuple(params[0].shape)}"
+          + (" (channels_last)" if args.channels_last else ""))
     listed = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
     print(f"bandwidth on fresh buffers, GB/s: {listed} (best {bw / 1e9:.1f}; floors use each step's own buffers)")
     chosen = [m for m in methods() if m.family in ("first-order", "parameter-free", "schedule-free")]

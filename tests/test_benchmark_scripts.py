@@ -105,3 +105,18 @@ def test_first_step_child_reaches_the_fused_kernel(mode):
     assert mode == "background" or r["steps_until_fused"] == 1
     assert len(calls) == r["steps_until_fused"] + 5
     assert all(len(c.done) == 4 for c in calls.assert_all_fused(len(calls) - 6))
+
+
+def test_step_speed_channels_last_params_are_conv_weights_with_gradients_in_their_order(monkeypatch, capsys):
+    """--channels-last: 3x3 conv weights in channels_last, gradients in the same order (autograd's), numel rounded
+    to whole output channels; the table runs on them."""
+    step_speed = _load("step_speed")
+    params = step_speed.make_params(4 * 2 * 64 * 9 + 5, 4, channels_last=True)
+    assert [tuple(p.shape) for p in params] == [(2, 64, 3, 3)] * 4
+    assert all(not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               and p.grad.stride() == p.stride() for p in params)
+    monkeypatch.setattr(step_speed, "measure_bandwidth", lambda numel: (5e10, {"lerp_": 5e10}))
+    step_speed.main(["--numel", str(4 * 2 * 64 * 9), "--tensors", "4", "--only", "adamw", "--rounds", "2",
+                     "--channels-last"])
+    out = capsys.readouterr().out
+    assert "(channels_last)" in out and any(line.startswith("adamw ") for line in out.splitlines())
