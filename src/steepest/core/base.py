@@ -1180,12 +1180,30 @@ class Optimizer(torch.optim.Optimizer):
         if (plan is not None and plan.sig == sig and all(grads[i].is_contiguous() for i in plan.contiguous)
                 and all(grads[i].stride() == params[i].stride() for i in plan.strided)):
             return plan
+        if self._match_state_orders(params, grads, states):
+            sig = tuple(p.data_ptr() for p in params) + tuple(t.data_ptr() for v in states.values() for t in v)
         order = [i for i in range(len(params)) if self._fusable(params[i], grads[i], states, i)]
         chunks = self._flat_chunks(params, grads, states, order, elementwise) if order else []
         strided = [i for i in order if not params[i].is_contiguous()]
         plan = _FusedPlan(sig, order, chunks, [i for i in order if params[i].is_contiguous()], strided)
         self._plans[key] = plan
         return plan
+
+    def _match_state_orders(self, params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]]) -> bool:
+        """Give a param's param-sized states its memory order where they lost it (the model moved to channels_last
+        after its states were made: ``model.to(memory_format=...)`` replaces each param's data) and its gradient has
+        it: the same values in new tensors, in ``self.state`` and in ``states``. Returns whether any moved."""
+        moved = False
+        for i, p in enumerate(params):
+            st = self.state.get(p)
+            if st is None or p.is_contiguous() or not mt.dense(p) or not _in_order_of(grads[i], p):
+                continue
+            for k, v in states.items():
+                t = v[i]
+                if t.shape == p.shape and not _in_order_of(t, p) and st.get(k) is t:
+                    v[i] = st[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+                    moved = True
+        return moved
 
     def _flat_chunks(self, params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]],
                      order: list[int], elementwise: bool) -> list[_FlatChunk]:
@@ -1490,7 +1508,12 @@ class Optimizer(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "state": states, "param_groups": filled_groups})
         self._plans.clear()
         for p, k, v, dtype in exact:
-            self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)
+            if v.shape == p.shape and not v.is_complex() and not p.is_complex() and mt.dense(p):
+                # In the param's memory order (a checkpoint of a contiguous run loaded onto channels_last params):
+                # states in another order than their param keep it off the fused path.
+                self.state[p][k] = torch.empty_like(p, dtype=dtype).copy_(v.detach())
+            else:
+                self.state[p][k] = v.detach().to(device=p.device, dtype=dtype, copy=True)
         for p in list(self.state):
             st = self.state[p]
             if "step" in st and isinstance(st["step"], Tensor):
