@@ -1150,6 +1150,16 @@ def test_states_follow_their_params_into_channels_last(name):
     for p in moved:
         assert all(v.stride() == p.stride() for v in opt.state[p].values()
                    if isinstance(v, torch.Tensor) and v.shape == p.shape)
+    back = [torch.nn.Parameter(p.detach().clone()) for p in moved]  # and back to contiguous, states and all
+    back_opt = cls(back, compile=True)
+    back_opt.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        for p in back:
+            p.data = p.data.contiguous()
+    grads(back, 5)
+    with recording_fused_calls() as calls:
+        back_opt.step()
+    assert all(c.given == len(c.planned) == len(c.done) for c in calls.since(0, back_opt)) and calls
 
     loaded = make()
     with torch.no_grad():

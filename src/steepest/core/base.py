@@ -1190,13 +1190,14 @@ class Optimizer(torch.optim.Optimizer):
         return plan
 
     def _match_state_orders(self, params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]]) -> bool:
-        """Give a param's param-sized states its memory order where they lost it (the model moved to channels_last
-        after its states were made: ``model.to(memory_format=...)`` replaces each param's data) and its gradient has
-        it: the same values in new tensors, in ``self.state`` and in ``states``. Returns whether any moved."""
+        """Give a param's param-sized states its memory order where they lost it (the model moved to or from
+        channels_last after its states were made: ``model.to(memory_format=...)`` replaces each param's data) and its
+        gradient has it: the same values in new tensors, in ``self.state`` and in ``states``. Returns whether any
+        moved."""
         moved = False
         for i, p in enumerate(params):
             st = self.state.get(p)
-            if st is None or p.is_contiguous() or not mt.dense(p) or not _in_order_of(grads[i], p):
+            if st is None or not mt.dense(p) or not _in_order_of(grads[i], p):
                 continue
             for k, v in states.items():
                 t = v[i]
