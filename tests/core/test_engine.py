@@ -1107,8 +1107,9 @@ def test_eager_sums_of_channels_last_tensors_read_them_in_place():
 
 @pytest.mark.parametrize("name", ["adamw", "prodigy", "ldog"])
 def test_states_follow_their_params_into_channels_last(name):
-    """A model moved to channels_last after its optimizer states were made (``model.to(memory_format=...)``
-    replaces each param's data), or a checkpoint of a contiguous run loaded onto channels_last params, left states
+    """A model moved to (or back from) channels_last after its optimizer states were made
+    (``model.to(memory_format=...)`` replaces each param's data), or a checkpoint of a contiguous run loaded onto
+    channels_last params, left states
     in another order than their params: those params stepped eager from then on (2.7-4.5x the fused step). The
     states now take their param's order (same values, new tensors) and every tensor steps fused; the run equals
     the contiguous one."""
@@ -1126,27 +1127,25 @@ def test_states_follow_their_params_into_channels_last(name):
             p.grad = torch.randn(p.shape, generator=g).contiguous(
                 memory_format=torch.contiguous_format if p.is_contiguous() else torch.channels_last)
 
-    reference = make()
-    ref_opt = cls(reference, compile=True)
-    for step in range(5):
-        grads(reference, step)
-        ref_opt.step()
+    def run(opt, params, steps):
+        with recording_fused_calls() as calls:
+            for step in steps:
+                grads(params, step)
+                opt.step()
+        return calls.since(0, opt)
 
+    reference = make()
+    run(cls(reference, compile=True), reference, range(5))
     moved = make()
     opt = cls(moved, compile=True)
-    for step in range(2):
-        grads(moved, step)
-        opt.step()
+    run(opt, moved, range(2))
     saved = io.BytesIO()
     torch.save(opt.state_dict(), saved)
     with torch.no_grad():
         for p in moved:  # what nn.Module.to(memory_format=torch.channels_last) does to each param
             p.data = p.data.contiguous(memory_format=torch.channels_last)
-    with recording_fused_calls() as calls:
-        for step in range(2, 5):
-            grads(moved, step)
-            opt.step()
-    assert all(c.given == len(c.planned) == len(c.done) for c in calls.since(0, opt)) and calls
+    calls = run(opt, moved, range(2, 5))
+    assert calls and all(c.given == len(c.planned) == len(c.done) for c in calls)
     for p in moved:
         assert all(v.stride() == p.stride() for v in opt.state[p].values()
                    if isinstance(v, torch.Tensor) and v.shape == p.shape)
@@ -1156,10 +1155,8 @@ def test_states_follow_their_params_into_channels_last(name):
     with torch.no_grad():
         for p in back:
             p.data = p.data.contiguous()
-    grads(back, 5)
-    with recording_fused_calls() as calls:
-        back_opt.step()
-    assert all(c.given == len(c.planned) == len(c.done) for c in calls.since(0, back_opt)) and calls
+    calls = run(back_opt, back, [5])
+    assert calls and all(c.given == len(c.planned) == len(c.done) for c in calls)
 
     loaded = make()
     with torch.no_grad():
@@ -1169,18 +1166,12 @@ def test_states_follow_their_params_into_channels_last(name):
     saved.seek(0)
     opt.load_state_dict(torch.load(saved, weights_only=True))  # states of the contiguous run's first 2 steps
     fresh = make()  # its params after those 2 steps
-    fresh_opt = cls(fresh, compile=True)
-    for step in range(2):
-        grads(fresh, step)
-        fresh_opt.step()
+    run(cls(fresh, compile=True), fresh, range(2))
     with torch.no_grad():
         for p, q in zip(loaded, fresh):
             p.copy_(q)
-    with recording_fused_calls() as calls:
-        for step in range(2, 5):
-            grads(loaded, step)
-            opt.step()
-    assert all(c.given == len(c.planned) == len(c.done) for c in calls.since(0, opt)) and calls
+    calls = run(opt, loaded, range(2, 5))
+    assert calls and all(c.given == len(c.planned) == len(c.done) for c in calls)
     for a, b, c in zip(reference, moved, loaded):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
