@@ -1197,7 +1197,7 @@ class Optimizer(torch.optim.Optimizer):
         moved = False
         for i, p in enumerate(params):
             st = self.state.get(p)
-            if st is None or not mt.dense(p) or not _in_order_of(grads[i], p):
+            if st is None or not mt.plain(p) or not mt.dense(p) or not _in_order_of(grads[i], p):
                 continue
             for k, v in states.items():
                 t = v[i]
@@ -1509,7 +1509,8 @@ class Optimizer(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "state": states, "param_groups": filled_groups})
         self._plans.clear()
         for p, k, v, dtype in exact:
-            if v.shape == p.shape and not v.is_complex() and not p.is_complex() and mt.dense(p):
+            if (v.shape == p.shape and mt.plain(p) and mt.plain(v) and not p.is_complex() and not v.is_complex()
+                    and mt.dense(p)):
                 # In the param's memory order (a checkpoint of a contiguous run loaded onto channels_last params):
                 # states in another order than their param keep it off the fused path.
                 self.state[p][k] = torch.empty_like(p, dtype=dtype).copy_(v.detach())
