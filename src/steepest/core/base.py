@@ -185,12 +185,6 @@ def _flat_alias(t: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
                                                                  strides)
 
 
-def _in_order_of(t: Tensor, p: Tensor) -> bool:
-    """Whether t holds its elements in p's memory order (both contiguous, or the same strides), so that element i
-    of their flat aliases is the same entry of both."""
-    return t.is_contiguous() if p.is_contiguous() else t.stride() == p.stride()
-
-
 def flat_pieces(params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]]) -> list[tuple] | None:
     """One large tensor of an eager run (with its gradient and param-shaped states) as flat slices of
     _EAGER_CHUNK_NUMEL elements, each a (params, grads, states) of one call; None where the run stays whole: more
@@ -1197,11 +1191,11 @@ class Optimizer(torch.optim.Optimizer):
         moved = False
         for i, p in enumerate(params):
             st = self.state.get(p)
-            if st is None or not mt.plain(p) or not mt.dense(p) or not _in_order_of(grads[i], p):
+            if st is None or not mt.plain(p) or not mt.dense(p) or not mt.same_order(grads[i], p):
                 continue
             for k, v in states.items():
                 t = v[i]
-                if t.shape == p.shape and not _in_order_of(t, p) and st.get(k) is t:
+                if t.shape == p.shape and not mt.same_order(t, p) and st.get(k) is t:
                     v[i] = st[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
                     moved = True
         return moved
@@ -1249,7 +1243,7 @@ class Optimizer(torch.optim.Optimizer):
         if not (mt.plain(p) and mt.plain(g)):
             return False
         # 0/1-element tensors would specialise the dynamic-shape kernel: they go eager.
-        if p.numel() < 2 or not mt.dense(p) or not _in_order_of(g, p):
+        if p.numel() < 2 or not mt.dense(p) or not mt.same_order(g, p):
             return False
         # A dense param in another order (channels_last) is stepped over its memory as it lies, which an update
         # over elements and whole-tensor sums does not see; a matrix view's rows must be whole spans of it.
@@ -1258,7 +1252,7 @@ class Optimizer(torch.optim.Optimizer):
             return False
         # torch.compile (2.13) drops in-place writes to 0-dim tensor inputs: such states stay eager. States of
         # another size than p (one number per tensor) are contiguous.
-        return all(v[i].dim() > 0 and (_in_order_of(v[i], p) if v[i].numel() == p.numel() else v[i].is_contiguous())
+        return all(v[i].dim() > 0 and (mt.same_order(v[i], p) if v[i].numel() == p.numel() else v[i].is_contiguous())
                    for v in states.values())
 
     @staticmethod

@@ -322,8 +322,8 @@ def flat_pieces(*lists: TensorList, size: int = 1 << 18, min_numel: int = 1 << 2
     for i in range(len(lists[0])):
         ts = [xs[i] for xs in lists]
         n = ts[0].numel()
-        big = n >= min_numel and all(plain(t) and t.numel() == n for t in ts) and (
-            all(t.is_contiguous() for t in ts) or (dense(ts[0]) and all(t.stride() == ts[0].stride() for t in ts)))
+        big = (n >= min_numel and all(plain(t) and t.numel() == n for t in ts) and dense(ts[0])
+               and all(same_order(t, ts[0]) for t in ts))
         (cut if big else whole).append(i)
     calls = [tuple([xs[i] for i in whole] for xs in lists)] if whole else []
     for i in cut:
@@ -382,6 +382,12 @@ def dense(t: Tensor) -> bool:
     return True
 
 
+def same_order(t: Tensor, p: Tensor) -> bool:
+    """Whether t holds its elements in p's memory order (both contiguous, or the same strides), so that entry i of
+    their flat views over memory is the same entry of both."""
+    return t.is_contiguous() if p.is_contiguous() else t.stride() == p.stride()
+
+
 def rows(x: Tensor, n: int, other: Tensor | None = None) -> Tensor:
     """x as an (n, numel / n) matrix for n = 1 or x.shape[0] (row i: the entries x[i]), whose entry (i, j) is entry
     (i, j) of ``rows(other, n, x)``: a view of its memory as it lies when both are contiguous, or dense with equal
@@ -390,7 +396,7 @@ def rows(x: Tensor, n: int, other: Tensor | None = None) -> Tensor:
     other = x if other is None else other
     if x.is_contiguous() and other.is_contiguous():
         return x.view(n, -1)
-    if x.stride() == other.stride() and dense(x) and (n == 1 or x.stride(0) * x.shape[0] == x.numel()):
+    if same_order(x, other) and dense(x) and (n == 1 or x.stride(0) * x.shape[0] == x.numel()):
         cols = x.numel() // n
         return x.as_strided((n, cols), (cols, 1), x.storage_offset())
     return x.reshape(n, -1)
