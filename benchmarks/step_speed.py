@@ -18,7 +18,11 @@ The bandwidth behind each floor is measured on the very tensors the step touches
 ``s.lerp_(g, 0)`` for each param-sized state: read two, write one, values unchanged), timed interleaved with
 the steps: on a virtual machine the bandwidth of separately allocated buffers can differ by 1.5x, so a floor
 from other buffers says little about these. The best bandwidth of in-place kernels on fresh buffers
-(``a.addcmul_(b, c)``, ``a.lerp_(b, w)``, torch's fused AdamW) is printed for reference.
+(``a.addcmul_(b, c)``, ``a.lerp_(b, w)``, torch's fused AdamW) is printed for reference. A read-only stream over the
+same buffers (a sum of each) gives each step a read floor, and its last column, the time of a read-only word over
+that of a floor word: where writes overlap the reads (a write-back cache on a machine whose cores are bound by
+their reads), it is ~1.5 (a floor word is two reads and a write over three), and a step that mostly reads, such as
+one that waits on a reduction over the model, is bound by its read floor rather than by the shared one.
 
     python benchmarks/step_speed.py                      # 16M params in 40 tensors, every method
     python benchmarks/step_speed.py --numel 4000000 --only adamw,lion --rounds 15
@@ -259,7 +263,7 @@ def main(argv=None):
     head = (f"{'method':14s} {'eager ms':>9s} {'fused ms':>9s} {'1st s':>6s} {'floor ms':>9s} {'eager/fl':>9s} "
             f"{'fused/fl':>9s} {'alg w':>5s} {'read':>4s} {'fused/alg':>9s} {'fused/rd':>8s} {'tFused/fl':>9s} "
             f"{'eager/tAdamW':>12s} "
-            f"{'per word':>8s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s}")
+            f"{'per word':>8s} {'fused/tAdamW':>12s} {'fused/tFused':>12s} {'state B/p':>9s} {'rd/fl w':>7s}")
     print(head)
     print("-" * len(head))
     for info in chosen:
@@ -319,6 +323,9 @@ def main(argv=None):
         fused_read = (round_ratio(times, "fused", "read stream", read_words / (alg_read * args.numel))
                       if "fused" in ms else float("nan"))
         eager_alg = eager_floor * words / alg_words  # eager time over the method's own floor
+        # a word of the read-only stream over a word of the floor's in-place stream, on the same buffers
+        stream = "fused" if "fused" in ms else "eager"
+        read_word = round_ratio(times, "read stream", f"{stream} stream", streams[stream][1] / read_words)
 
         def vs_torch(name, times=times):
             return round_ratio(times, "fused", name) if "fused" in times else float("nan")
@@ -326,7 +333,8 @@ def main(argv=None):
               f"{eager_floor:9.2f} {fused_floor:9.2f} {alg_words:5d} {alg_read:4d} "
               f"{fused_floor * words / alg_words:9.2f} {fused_read:8.2f} {tfused_floor:9.2f} "
               f"{round_ratio(times, 'eager', 'torch AdamW'):12.2f} {eager_alg / tadamw_floor:8.2f} "
-              f"{vs_torch('torch AdamW'):12.2f} {vs_torch('torch fused AdamW'):12.2f} {sbytes:9.1f}",
+              f"{vs_torch('torch AdamW'):12.2f} {vs_torch('torch fused AdamW'):12.2f} {sbytes:9.1f} "
+              f"{read_word:7.2f}",
               flush=True)
         del eager, candidates, ref, ref_fused
         if not args.no_fused:
@@ -338,7 +346,10 @@ def main(argv=None):
           "alg w = the words the method's step must move (read g, and p and the states whose old values it uses; "
           "write p and the states it changes; plus words read twice because the update waits on a reduction), read = "
           "how many of those are reads, "
-          "fused/alg = fused time over that floor; "
+          "fused/alg = fused time over that floor; fused/rd = fused time over its reads alone at the speed of a "
+          "read-only stream (sums) over the same buffers; rd/fl w = the time of a word of that read-only stream over "
+          "that of a floor word (above 1: a step that mostly reads, as one that waits on a reduction does, is bound "
+          "by fused/rd, not by fused/alg); "
           "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager time over the "
           "method's own floor (alg w) over torch AdamW's time over its floor (time per word the step must move, "
           "eager vs torch AdamW); "

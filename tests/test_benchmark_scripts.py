@@ -32,7 +32,7 @@ def test_step_speed_prints_a_row_per_method(monkeypatch, capsys):
     for name, cells in rows.items():
         values = [float(c) for c in cells]
         # floor ms (the fourth cell) of a 4096-element step can print as 0.00; every ratio and time is positive
-        assert len(values) == 16 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
+        assert len(values) == 17 and all(v > 0 for v in values[:2] + values[4:]) and values[3] >= 0, (name, cells)
     # The words each step must move: AdamW reads p, g, m, v and writes p, m, v; Prodigy reads p, g, s, p0, m, v,
     # writes p, s, m, v (p0 is read only) and reads p, m, v again after the global reduction; TAM reads p, g, m,
     # and g and m again after the tensor's cosine, and writes p and m.
