@@ -3,8 +3,9 @@
 benchmarks/step_speed.py times every candidate interleaved in one process, which keeps the C allocator's heap
 grown by the others: there, a step whose temporaries are several MB never pays for giving them back to the OS
 and page-faulting them in again. Here each case runs alone in a fresh process (warm-up steps, then the median of
-the timed ones), against torch.optim.AdamW's default (for-each) step on the same tensors, also alone; the ratio
-divides the two medians, so it is less sharp than an interleaved one (this VM: +-10%).
+the timed ones), against torch.optim.AdamW's default step (a loop over the tensors on the CPU) on the same
+tensors, also alone; the ratio divides the two medians, so it is less sharp than an interleaved one (this VM:
++-10%).
 
 Cases (16.8M or 38.6M parameters):
 

@@ -3,7 +3,8 @@
 For each registered elementwise optimizer, on N float32 parameters in T tensors, prints:
 eager and fused ms/step (median after warm-up), first fused step (compile) seconds, the floor
 (bytes read+written per step / measured bandwidth), the ratio to it, the ratios to
-torch.optim.AdamW's default (for-each) step and to its fused step, timed interleaved in the same run,
+torch.optim.AdamW's default step (a loop over the tensors on the CPU, for-each ops on a GPU) and to its fused
+step, timed interleaved in the same run,
 and the state bytes per parameter actually allocated. With AdamW among the methods, a last line times
 steepest's fused AdamW on torch's fused AdamW's own buffers (the ratio without any placement difference).
 
@@ -350,7 +351,8 @@ def main(argv=None):
           "read-only stream (sums) over the same buffers; rd/fl w = the time of a word of that read-only stream over "
           "that of a floor word (above 1: a step that mostly reads, as one that waits on a reduction does, is bound "
           "by fused/rd, not by fused/alg); "
-          "torch AdamW = torch.optim.AdamW() default (for-each), 7 words/param; per word = eager time over the "
+          "torch AdamW = torch.optim.AdamW() default (on the CPU a loop over the tensors), 7 words/param; "
+          "per word = eager time over the "
           "method's own floor (alg w) over torch AdamW's time over its floor (time per word the step must move, "
           "eager vs torch AdamW); "
           "tFused = torch.optim.AdamW(fused=True); ratios are per step, same run, interleaved timing: the median over "

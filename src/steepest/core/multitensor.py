@@ -3,7 +3,7 @@
 An update function is written once over lists of tensors and runs in two modes:
 
 * eager: hyperparameters arrive as Python numbers and each helper is one ``torch._foreach_*`` call
-  over the whole list (few kernel launches, as torch.optim's default for-each path);
+  over the whole list (few kernel launches, as torch.optim's for-each path, its default on a GPU);
 * fused: the same function is traced by ``torch.compile`` over one tensor at a time, with
   hyperparameters as 0-dim tensors so that a changing learning rate never triggers a recompile.
   ``torch._foreach_*`` ops take only Python numbers as scalars, so when a scalar is a tensor the
